@@ -1,0 +1,216 @@
+"""DiG: Diffusion model with Gated Linear Attention (arXiv 2405.18428), faithful to the official code.
+
+Scan order (SREM). The official model flips the token sequence after every block and also transposes the token
+grid after every odd block, so block j scans in raster order (j % 4 == 0), reversed raster (1), column-major (2)
+or reversed column-major (3). Here the activations always stay in raster order and each block applies its order
+where it matters, which is mathematically the same model:
+  - the GLA scans `transpose(u)` when the order is column-major, with `reverse=True` when the order is reversed
+    (no flipped copies: the kernel reads the sequence backwards);
+  - the depthwise 3x3 conv, which the official code applies to the grid in the block's current order, becomes a
+    conv on the raster grid with the kernel transposed and/or rotated by 180 degrees (exact, zero padding is
+    symmetric);
+  - everything else in a block is per token.
+So no order has to be restored for depths that are not a multiple of 4, and checkpoints map one to one.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dig_jax.models.layers import (
+    ConditionedBackbone, layer_norm, linear, modulate, scaled_xavier_uniform, zeros)
+from pallas_kernels import chunk_gla
+
+GLA_INIT_GAIN = 2 ** -2.5  # fla's init for every projection inside the GLA layer
+GATE_LOW_RANK = 16
+GATE_LOGIT_NORMALIZER = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanOrder:
+    """Token order a block scans in, relative to raster order."""
+    transposed: bool  # column-major over the token grid
+    reversed: bool    # last token first
+
+    @classmethod
+    def of_block(cls, index: int) -> "ScanOrder":
+        return cls(transposed=index % 4 >= 2, reversed=index % 2 == 1)
+
+    def compose(self, other: "ScanOrder") -> "ScanOrder":
+        # Transpose and reversal are commuting involutions, so orders compose by XOR.
+        return ScanOrder(self.transposed != other.transposed, self.reversed != other.reversed)
+
+
+def permute_tokens(x, order: ScanOrder):
+    """Raster-ordered tokens [N, T, D] -> tokens in `order` (its own inverse: applying it twice is identity)."""
+    n, tokens, d = x.shape
+    if order.transposed:
+        grid = math.isqrt(tokens)
+        x = x.reshape(n, grid, grid, d).transpose(0, 2, 1, 3).reshape(n, tokens, d)
+    if order.reversed:
+        x = x[:, ::-1]
+    return x
+
+
+def swiglu_hidden_size(hidden_size: int) -> int:
+    """fla's GLA MLP width: 256 * ceil(int(8D/3) / 256)."""
+    return 256 * math.ceil(int(hidden_size * 8 / 3) / 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiGConfig:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    skip: bool = False            # U-shape long skips between the first and second half
+    zero_init_skip: bool = False  # skip Linear starts as [I | 0]: the skip is ignored at init
+    gla_impl: str = "auto"        # chunk_gla implementation
+    dtype: str | None = None      # compute dtype ("bfloat16"); parameters stay float32
+    remat: bool = False           # rematerialise each block in the backward pass
+
+
+class GatedLinearAttention(nnx.Module):
+    """fla's GatedLinearAttention as DiG configures it: K = D/2, V = D, low-rank forget gate, RMSNorm-swish gate."""
+
+    def __init__(self, hidden_size: int, num_heads: int, *, gla_impl: str, rngs, dtype):
+        key_dim, value_dim = hidden_size // 2, hidden_size
+        if key_dim % num_heads or value_dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide hidden_size/2={key_dim} and hidden_size={value_dim}")
+        self.num_heads = num_heads
+        self.gla_impl = gla_impl
+        init = scaled_xavier_uniform(GLA_INIT_GAIN)
+        proj = dict(rngs=rngs, dtype=dtype, use_bias=False, kernel_init=init)
+        self.q_proj = linear(hidden_size, key_dim, **proj)
+        self.k_proj = linear(hidden_size, key_dim, **proj)
+        self.v_proj = linear(hidden_size, value_dim, **proj)
+        self.g_proj = linear(hidden_size, value_dim, **proj)
+        self.gk_proj_down = linear(hidden_size, GATE_LOW_RANK, **proj)
+        self.gk_proj_up = linear(GATE_LOW_RANK, key_dim, rngs=rngs, dtype=dtype, kernel_init=init)
+        self.o_proj = linear(value_dim, hidden_size, **proj)
+        self.g_norm_weight = nnx.Param(jnp.ones((value_dim // num_heads,), jnp.float32))
+
+    def _heads(self, x):
+        return x.reshape(*x.shape[:2], self.num_heads, -1)
+
+    def __call__(self, x, *, reverse: bool = False):
+        """x [N, T, D] -> [N, T, D], causal over T (anti-causal when reverse)."""
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        gate_logits = self.gk_proj_up(self.gk_proj_down(x)).astype(jnp.float32)
+        log_forget = self._heads(jax.nn.log_sigmoid(gate_logits) / GATE_LOGIT_NORMALIZER)
+        o, _ = chunk_gla(q, k, v, log_forget, reverse=reverse, impl=self.gla_impl)
+        o32 = o.astype(jnp.float32)
+        o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), -1, keepdims=True) + 1e-6) * self.g_norm_weight[...]
+        gate = self._heads(self.g_proj(x)).astype(jnp.float32)
+        o = (o32 * nnx.silu(gate)).astype(x.dtype)
+        return self.o_proj(o.reshape(*x.shape[:2], -1))
+
+
+class SwiGLU(nnx.Module):
+    """down_proj(swish(gate) * value) with gate and value from one fused Linear(D, 2I)."""
+
+    def __init__(self, hidden_size: int, *, rngs, dtype):
+        inner = swiglu_hidden_size(hidden_size)
+        self.gate_proj = linear(hidden_size, 2 * inner, rngs=rngs, dtype=dtype, use_bias=False)
+        self.down_proj = linear(inner, hidden_size, rngs=rngs, dtype=dtype, use_bias=False)
+
+    def __call__(self, x):
+        gate, value = jnp.split(self.gate_proj(x), 2, axis=-1)
+        return self.down_proj(nnx.silu(gate) * value)
+
+
+class DepthwiseConv3x3(nnx.Module):
+    """Depthwise 3x3 conv over the token grid, identity-initialised (the paper: normal init ruins FID)."""
+
+    def __init__(self, hidden_size: int, *, rngs, dtype):
+        identity = jnp.zeros((3, 3, 1, hidden_size), jnp.float32).at[1, 1].set(1.0)
+        self.kernel = nnx.Param(identity)  # HWIO with I = 1 (feature groups = channels)
+        self.bias = nnx.Param(jnp.zeros((hidden_size,), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x, order: ScanOrder):
+        """x: raster tokens [N, T, D]; applies the conv the official model applies to the grid in `order`."""
+        n, tokens, d = x.shape
+        grid = math.isqrt(tokens)
+        kernel = self.kernel[...]
+        if order.transposed:
+            kernel = kernel.transpose(1, 0, 2, 3)
+        if order.reversed:
+            kernel = kernel[::-1, ::-1]
+        dtype = self.dtype or x.dtype
+        y = jax.lax.conv_general_dilated(
+            x.reshape(n, grid, grid, d).astype(dtype), kernel.astype(dtype), window_strides=(1, 1),
+            padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d)
+        return (y + self.bias[...].astype(dtype)).reshape(n, tokens, d)
+
+
+class DiGBlock(nnx.Module):
+    """adaLN-Zero block: GLA and SwiGLU residual branches, then a depthwise conv that replaces x."""
+
+    def __init__(self, config: DiGConfig, index: int, *, rngs, dtype):
+        d = config.hidden_size
+        self.order = ScanOrder.of_block(index)
+        self.attn = GatedLinearAttention(d, config.num_heads, gla_impl=config.gla_impl, rngs=rngs, dtype=dtype)
+        self.mlp = SwiGLU(d, rngs=rngs, dtype=dtype)
+        self.adaLN_modulation = linear(d, 6 * d, rngs=rngs, dtype=dtype, kernel_init=zeros)
+        self.dw_conv = DepthwiseConv3x3(d, rngs=rngs, dtype=dtype)
+        has_skip = config.skip and index > config.depth // 2
+        skip_init = _identity_skip_init if config.zero_init_skip else scaled_xavier_uniform(1.0)
+        self.skip_linear = nnx.data(
+            linear(2 * d, d, rngs=rngs, dtype=dtype, kernel_init=skip_init) if has_skip else None)
+
+    def _scan(self, u):
+        # GLA over the block's order, returned in raster order (see the module docstring).
+        transposed = ScanOrder(transposed=self.order.transposed, reversed=False)
+        return permute_tokens(self.attn(permute_tokens(u, transposed), reverse=self.order.reversed), transposed)
+
+    def __call__(self, x, c, skip=None):
+        """x [N, T, D] raster tokens, c [N, D] conditioning, skip [N, T, D] already in this block's frame."""
+        if self.skip_linear is not None:
+            x = self.skip_linear(jnp.concatenate([x, skip], axis=-1))
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
+        x = x + gate1[:, None] * self._scan(modulate(layer_norm(x), shift1, scale1))
+        x = x + gate2[:, None] * self.mlp(modulate(layer_norm(x), shift2, scale2))
+        return self.dw_conv(x, self.order)
+
+
+def _identity_skip_init(key, shape, dtype=jnp.float32):
+    """Kernel [2D, D] = [I; 0]: the output starts as the block's own input, ignoring the skip."""
+    del key
+    return jnp.eye(shape[0], shape[1], dtype=dtype)
+
+
+class DiG(ConditionedBackbone):
+    """DiG on NHWC latents: `model(x [N, H, W, C], t [N] int, y [N] int, train=bool)` -> [N, H, W, C_out].
+
+    C_out = 2C with learn_sigma (eps in the first C channels, variance interpolation in the last C).
+    """
+
+    def __init__(self, config: DiGConfig, *, rngs: nnx.Rngs):
+        if config.skip and config.depth % 2:
+            raise ValueError(f"the U-shape (skip) variant needs an even depth, got depth={config.depth}")
+        super().__init__(config, rngs=rngs)
+        self.blocks = nnx.List([DiGBlock(config, i, rngs=rngs, dtype=self.compute_dtype)
+                                for i in range(config.depth)])
+
+    def __call__(self, x, t, y, *, train: bool = False):
+        h, c = self.embed(x, t, y, train=train)
+        run_block = self.block_runner()
+        skips = []  # (raster tokens, the order the official model holds them in)
+        for i, block in enumerate(self.blocks):
+            skip = None
+            if block.skip_linear is not None:
+                stored, stored_order = skips.pop()
+                skip = permute_tokens(stored, block.order.compose(stored_order))
+            h = run_block(block, h, c, skip)
+            if self.config.skip and i < self.config.depth // 2 - 1:
+                skips.append((h, ScanOrder.of_block(i + 1)))
+        return self.head(h, c)

@@ -1,0 +1,81 @@
+"""Public GLA op: `chunk_gla`, with fla's `chunk_gla` semantics and the [B, T, H, K] layout.
+
+Implementations are picked by name from `IMPLS`:
+  "reference"  token-by-token `lax.scan` in float32 (ground truth, slow);
+  "xla"        the chunked algorithm (chunk 64, sub-chunks of 16) in plain jnp, differentiable by autodiff;
+  "pallas"     fused Pallas kernels with hand-written backward (Triton on GPU, Mosaic on TPU);
+  "auto"       "pallas" on GPU and TPU, "xla" elsewhere.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gla_reference import gla_reference
+from pallas_kernels.gla_xla import gla_xla
+
+# name -> fn(q, k, v, g, *, scale, initial_state, reverse) -> (o, final_state)
+IMPLS = {
+    "reference": gla_reference,
+    "xla": gla_xla,
+}
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def resolve_impl(impl: str) -> str:
+    """Maps "auto" to a concrete implementation name for the default backend."""
+    if impl == "auto":
+        return "pallas" if "pallas" in IMPLS and jax.default_backend() in ("gpu", "tpu") else "xla"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be 'auto' or one of {sorted(IMPLS)}, got {impl!r}")
+    return impl
+
+
+def _check_inputs(q, k, v, g, initial_state):
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 ([B, T, H, K] or [B, T, H, V]), got shape {x.shape}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    for name, x in (("k", k), ("g", g)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {q.shape} ([B, T, H, K]), got {x.shape}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with [B, T, H] = {q.shape[:3]} as in q, got {v.shape}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+    if q.shape[1] == 0:
+        raise ValueError("q, k, v, g must hold at least one token (T >= 1)")
+    if initial_state is not None:
+        batch, _, heads, key_dim = q.shape
+        expected = (batch, heads, key_dim, v.shape[-1])
+        if initial_state.shape != expected:
+            raise ValueError(f"initial_state must be [B, H, K, V] = {expected}, got {initial_state.shape}")
+
+
+def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, reverse=False,
+              impl="auto"):
+    """Gated linear attention, causal over the sequence axis.
+
+    Per batch element and head, with state S_t of shape [K, V] (S_0 = initial_state or 0):
+        S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,    o_t = (scale * q_t) S_t.
+    With reverse=True the recurrence runs from the last token to the first.
+
+    Args:
+      q, k: [B, T, H, K]; v: [B, T, H, V]; all one float dtype (bf16 or f32; accumulation is f32).
+      g: [B, T, H, K] log forget gate (<= 0), any float dtype.
+      scale: multiplies q; defaults to K ** -0.5.
+      initial_state: optional [B, H, K, V] state entering the first scanned token (float32).
+      output_final_state: also return the state after the last scanned token, [B, H, K, V] float32.
+      reverse: scan from token T-1 down to token 0.
+      impl: "auto", "reference", "xla" or "pallas".
+
+    Returns:
+      (o, final_state): o is [B, T, H, V] in v's dtype; final_state is None unless output_final_state.
+    """
+    name = resolve_impl(impl)
+    _check_inputs(q, k, v, g, initial_state)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    o, final_state = IMPLS[name](q, k, v, g, scale=float(scale), initial_state=initial_state, reverse=reverse)
+    return o, (final_state if output_final_state else None)

@@ -1,0 +1,167 @@
+"""DiG and DiT: exact parameter counts, zero output at init, the SREM scan order, label dropout, input sizes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dig_jax.models import MODELS, count_params, create_model
+from dig_jax.models.dig import ScanOrder, permute_tokens
+from dig_jax.models.layers import layer_norm, modulate, sincos_2d
+
+# Spec section 1: official counts, fixed pos_embed included, input 32, 1000 classes, learn_sigma.
+OFFICIAL_PARAM_COUNTS = {
+    "DiG-S/2": 33_081_632, "DiG-B/2": 130_748_192, "DiG-L/2": 465_022_496, "DiG-XL/2": 675_953_952,
+    "DiG-S/4": 33_063_296, "DiG-S/8": 33_266_432, "DiG-S/2-U": 34_558_112, "DiG-XL/2-U": 710_473_632,
+    "DiG-XL/2-paper": 675_954_176,
+    "DiT-S/2": 32_963_360, "DiT-B/2": 130_512_416, "DiT-L/2": 458_102_816, "DiT-XL/2": 675_129_632,
+}
+TRAINABLE_PARAM_COUNTS = {"DiG-S/2": 32_983_328, "DiG-B/2": 130_551_584, "DiG-L/2": 464_760_352,
+                          "DiG-XL/2": 675_659_040}
+TINY = dict(input_size=8, depth=4, hidden_size=64, num_heads=2)
+
+
+def abstract_model(name, **kwargs):
+    return nnx.eval_shape(lambda: create_model(name, rngs=nnx.Rngs(0), **kwargs))
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAM_COUNTS))
+def test_parameter_count_equals_official(name):
+    model = abstract_model(name)
+    assert count_params(model) == OFFICIAL_PARAM_COUNTS[name]
+    if name in TRAINABLE_PARAM_COUNTS:
+        assert count_params(model, include_fixed=False) == TRAINABLE_PARAM_COUNTS[name]
+
+
+def test_registry_names():
+    expected = {f"{family}-{size}/{patch}" for family in ("DiG", "DiT") for size in ("S", "B", "L", "XL")
+                for patch in (2, 4, 8)}
+    expected |= {f"DiG-{size}/2-U" for size in ("S", "B", "L", "XL")} | {"DiG-XL/2-paper"}
+    assert set(MODELS) == expected
+
+
+def randomize_params(model, seed=0, scale=0.2):
+    """Replaces every parameter with noise so no branch is trivially zero."""
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    return model
+
+
+def inputs(n=2, size=8, channels=4, seed=1):
+    x = jax.random.normal(jax.random.key(seed), (n, size, size, channels))
+    return x, jnp.arange(n) * 300 + 7, jnp.arange(n) % 5
+
+
+@pytest.mark.parametrize("name", ["DiG-S/2", "DiT-S/2", "DiG-S/2-U"])
+def test_output_is_exactly_zero_at_init(name):
+    model = create_model(name, rngs=nnx.Rngs(0), gla_impl="reference", **TINY) if name.startswith("DiG") else \
+        create_model(name, rngs=nnx.Rngs(0), **TINY)
+    out = nnx.jit(lambda m, x, t, y: m(x, t, y, train=True))(model, *inputs())
+    assert out.shape == (2, 8, 8, 8)
+    assert not np.any(np.asarray(out))
+
+
+def official_order_forward(model, x, t, y):
+    """The official loop: physically flip after every block, transpose the grid after odd blocks."""
+    cfg = model.config
+    h, c = model.embed(x, t, y, train=False)
+    grid = cfg.input_size // cfg.patch_size
+    skips = []
+    for i, block in enumerate(model.blocks):
+        if block.skip_linear is not None:
+            h = block.skip_linear(jnp.concatenate([h, skips.pop()], axis=-1))
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(block.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
+        h = h + gate1[:, None] * block.attn(modulate(layer_norm(h), shift1, scale1))
+        h = h + gate2[:, None] * block.mlp(modulate(layer_norm(h), shift2, scale2))
+        conv = jax.lax.conv_general_dilated(
+            h.reshape(h.shape[0], grid, grid, -1), block.dw_conv.kernel[...], (1, 1), ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=h.shape[-1])
+        h = (conv + block.dw_conv.bias[...]).reshape(h.shape)
+        h = h[:, ::-1]
+        if i % 2 == 1:
+            h = h.reshape(h.shape[0], grid, grid, -1).transpose(0, 2, 1, 3).reshape(h.shape)
+        if cfg.skip and i < cfg.depth // 2 - 1:
+            skips.append(h)
+    h = permute_tokens(h, ScanOrder.of_block(cfg.depth))  # a faithful port restores raster order
+    return model.head(h, c)
+
+
+@pytest.mark.parametrize("depth,skip", [(4, False), (6, False), (6, True)])
+def test_scan_order_matches_official_loop(depth, skip):
+    name = "DiG-S/2-U" if skip else "DiG-S/2"
+    model = randomize_params(create_model(name, rngs=nnx.Rngs(0), gla_impl="reference",
+                                          **{**TINY, "depth": depth}))
+    x, t, y = inputs()
+    ours = nnx.jit(lambda m: m(x, t, y))(model)
+    official = nnx.jit(lambda m: official_order_forward(m, x, t, y))(model)
+    np.testing.assert_allclose(ours, official, rtol=2e-4, atol=2e-5)
+    assert float(jnp.abs(ours).mean()) > 1e-2
+
+
+def test_block_orders_cycle_with_period_four():
+    orders = [ScanOrder.of_block(i) for i in range(8)]
+    assert orders[:4] == [ScanOrder(False, False), ScanOrder(False, True), ScanOrder(True, False),
+                          ScanOrder(True, True)]
+    assert orders[4:] == orders[:4]
+    tokens = jnp.arange(16.0).reshape(1, 16, 1)  # 4x4 grid
+    column_major = permute_tokens(tokens, ScanOrder(True, False))[0, :, 0]
+    np.testing.assert_array_equal(column_major[:4], [0, 4, 8, 12])
+    reversed_column_major = permute_tokens(tokens, ScanOrder(True, True))[0, :, 0]
+    np.testing.assert_array_equal(reversed_column_major[:4], [15, 11, 7, 3])
+    for order in orders[:4]:
+        np.testing.assert_array_equal(permute_tokens(permute_tokens(tokens, order), order), tokens)
+
+
+def test_block_with_zero_adaln_is_exact_identity():
+    model = randomize_params(create_model("DiG-S/2", rngs=nnx.Rngs(0), gla_impl="reference", **TINY))
+    for index in (0, 3):
+        block = model.blocks[index]
+        block.adaLN_modulation.kernel[...] = jnp.zeros_like(block.adaLN_modulation.kernel[...])
+        block.adaLN_modulation.bias[...] = jnp.zeros_like(block.adaLN_modulation.bias[...])
+        block.dw_conv.kernel[...] = jnp.zeros((3, 3, 1, 64)).at[1, 1].set(1.0)
+        block.dw_conv.bias[...] = jnp.zeros((64,))
+        h = jax.random.normal(jax.random.key(2), (2, 16, 64))
+        c = jax.random.normal(jax.random.key(3), (2, 64))
+        np.testing.assert_array_equal(block(h, c), h)
+
+
+def test_label_dropout_rate_and_null_class():
+    model = create_model("DiT-S/2", rngs=nnx.Rngs(params=0, label_dropout=5), **TINY)
+    labels = jnp.full((20_000,), 3)
+    embedded = model.y_embedder(labels, train=True)
+    null_row = model.y_embedder.embedding_table.embedding[...][1000]
+    dropped = np.all(np.asarray(embedded) == np.asarray(null_row), axis=-1)
+    assert 0.09 < dropped.mean() < 0.11
+    assert not np.any(np.all(np.asarray(model.y_embedder(labels, train=False)) == np.asarray(null_row), axis=-1))
+
+
+@pytest.mark.parametrize("input_size", [32, 64, 128])
+def test_input_sizes(input_size):
+    model = create_model("DiG-S/8", rngs=nnx.Rngs(0), gla_impl="xla", input_size=input_size, depth=2,
+                         hidden_size=64, num_heads=2)
+    x, t, y = inputs(n=1, size=input_size)
+    out = nnx.jit(lambda m: m(x, t, y))(model)
+    assert out.shape == (1, input_size, input_size, 8)
+
+
+def test_position_embedding_layout():
+    emb = sincos_2d(8, 3)  # 3x3 grid, raster tokens; first half encodes the column index
+    np.testing.assert_allclose(emb[1, :4], [np.sin(1.0), np.sin(1e-2), np.cos(1.0), np.cos(1e-2)], rtol=1e-6)
+    np.testing.assert_allclose(emb[1, 4:], [0.0, 0.0, 1.0, 1.0])
+    np.testing.assert_allclose(emb[3, 4:], [np.sin(1.0), np.sin(1e-2), np.cos(1.0), np.cos(1e-2)], rtol=1e-6)
+
+
+def test_bad_inputs_and_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown model name"):
+        create_model("DiG-M/2", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unknown override"):
+        create_model("DiG-S/2", rngs=nnx.Rngs(0), mlp_ratio=4.0)
+    with pytest.raises(ValueError, match="attention_impl"):
+        create_model("DiT-S/2", rngs=nnx.Rngs(0), attention_impl="flash", **TINY)
+    model = create_model("DiT-S/2", rngs=nnx.Rngs(0), **TINY)
+    with pytest.raises(ValueError, match="NHWC"):
+        model(jnp.zeros((1, 4, 8, 8)), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
