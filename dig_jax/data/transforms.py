@@ -1,0 +1,48 @@
+"""Per-image transforms: the ADM center crop (ImageNet preprocessing) and the loader's flip + [-1, 1] scaling."""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+from PIL import Image
+
+
+def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """ADM / DiT center crop: uint8 [size, size, 3] from a PIL image of any size.
+
+    Halves the image with a BOX filter while its short side is at least 2 * size (cheap, alias-free
+    downscaling), resizes with BICUBIC so that the short side equals `size`, then crops the center.
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    pixels = np.asarray(image)
+    top = (pixels.shape[0] - size) // 2
+    left = (pixels.shape[1] - size) // 2
+    return pixels[top : top + size, left : left + size]
+
+
+def to_signed_unit(image: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, C] in [0, 255] -> float32 in [-1, 1]."""
+    return image.astype(np.float32) / 127.5 - 1.0
+
+
+class FlipAndScale(grain.transforms.RandomMap):
+    """Loader transform: optional random horizontal flip, then uint8 -> float32 in [-1, 1]; label -> int32.
+
+    The random generator comes from the loader and is seeded per record (from the loader seed and the record's
+    position in the stream), so a given stream position is always flipped the same way.
+    """
+
+    def __init__(self, random_flip: bool):
+        self.random_flip = random_flip
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        image = element["image"]
+        if self.random_flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {"image": to_signed_unit(image), "label": np.int32(element["label"])}

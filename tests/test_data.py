@@ -1,0 +1,174 @@
+"""The "shapes" dataset, the dataset registry, the grain loader (sharding, epochs, flips, state) and global batches."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dig_jax.data import ShapesDataset, create_dataset, make_loader, to_global_batch
+from dig_jax.data.shapes import SHAPE_CLASSES
+
+
+class IndexSource:
+    """Record i is a 2x2 image filled with i % 256 and label i, so batches reveal which records they hold."""
+
+    def __init__(self, num_records: int):
+        self.num_records = num_records
+
+    def __len__(self):
+        return self.num_records
+
+    def __repr__(self):
+        return f"IndexSource({self.num_records})"
+
+    def __getitem__(self, index):
+        return {"image": np.full((2, 2, 3), index % 256, np.uint8), "label": index}
+
+
+def _labels(loader, num_batches):
+    return [next(loader)["label"].tolist() for _ in range(num_batches)]
+
+
+def _foreground(image: np.ndarray) -> np.ndarray:
+    """Pixels far from the background colour (the colour of the most common corner)."""
+    pixels = image.astype(np.float32) / 255
+    corners = [pixels[0, 0], pixels[0, -1], pixels[-1, 0], pixels[-1, -1]]
+    background = max(corners, key=lambda c: sum(np.abs(c - d).max() < 0.02 for d in corners))
+    return np.abs(pixels - background).max(axis=-1) > 0.25
+
+
+def test_shapes_are_deterministic_random_access_images():
+    dataset = create_dataset("shapes", split="train", image_size=32, num_images=100, seed=5)
+    assert isinstance(dataset, ShapesDataset) and len(dataset) == 100
+    assert len(set(dataset.class_names)) == dataset.num_classes >= 10
+    example = dataset[37]
+    assert example["image"].shape == (32, 32, 3) and example["image"].dtype == np.uint8
+    assert example["label"].dtype == np.int32 and example["label"] == 37 % dataset.num_classes
+    again = ShapesDataset(split="train", image_size=32, num_images=100, seed=5)[37]
+    np.testing.assert_array_equal(example["image"], again["image"])
+    other_split = ShapesDataset(split="validation", image_size=32, num_images=100, seed=5)[37]
+    other_seed = ShapesDataset(split="train", image_size=32, num_images=100, seed=6)[37]
+    assert not np.array_equal(example["image"], other_split["image"])
+    assert not np.array_equal(example["image"], other_seed["image"])
+    assert ShapesDataset(image_size=45)[0]["image"].shape == (45, 45, 3)
+    with pytest.raises(IndexError):
+        dataset[100]
+    with pytest.raises(ValueError, match="split"):
+        ShapesDataset(split="val")
+
+
+def test_every_shapes_class_shows_a_visible_object_in_its_colour():
+    dataset = ShapesDataset(image_size=32, seed=1)
+    for label, shape_class in enumerate(SHAPE_CLASSES):
+        for k in range(6):
+            image = dataset[label + k * dataset.num_classes]["image"]
+            mask = _foreground(image)
+            assert 0.03 < mask.mean() < 0.7, (shape_class.name, mask.mean())
+            if shape_class.texture == "solid":
+                colour = np.median(image[mask].astype(np.float32) / 255, axis=0)
+                np.testing.assert_allclose(colour, shape_class.colour, atol=0.1, err_msg=shape_class.name)
+
+
+def test_shapes_look_the_same_at_every_size():
+    small = ShapesDataset(image_size=32)[3]["image"].astype(np.float32)
+    large = ShapesDataset(image_size=128)[3]["image"].astype(np.float32)
+    downsampled = large.reshape(32, 4, 32, 4, 3).mean(axis=(1, 3))
+    assert np.abs(downsampled - small).mean() < 3  # different images differ by ~30
+
+
+def test_create_dataset_rejects_unknown_names():
+    with pytest.raises(ValueError, match="shapes"):
+        create_dataset("mnist", split="train", image_size=32)
+
+
+def test_loader_batches_are_scaled_and_deterministic():
+    source = ShapesDataset(num_images=200)
+    loader = make_loader(source, global_batch_size=8, seed=3, shard_index=0, shard_count=1)
+    batch = next(loader)
+    assert loader.local_batch_size == 8
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    assert batch["image"].max() - batch["image"].min() > 1.0  # the [0, 255] range was used, not clipped
+    same = next(make_loader(source, global_batch_size=8, seed=3, shard_index=0, shard_count=1))
+    other = next(make_loader(source, global_batch_size=8, seed=4, shard_index=0, shard_count=1))
+    np.testing.assert_array_equal(batch["image"], same["image"])
+    assert not np.array_equal(batch["label"], other["label"])
+
+
+def test_random_flip_mirrors_about_half_of_the_images():
+    source = ShapesDataset(num_images=64)
+    kwargs = {"global_batch_size": 32, "seed": 0, "shard_index": 0, "shard_count": 1}
+    flipped = next(make_loader(source, random_flip=True, **kwargs))["image"]
+    plain = next(make_loader(source, random_flip=False, **kwargs))["image"]
+    mirrored = [not np.array_equal(f, p) for f, p in zip(flipped, plain)]
+    for f, p, was_mirrored in zip(flipped, plain, mirrored):
+        np.testing.assert_array_equal(f, p[:, ::-1] if was_mirrored else p)
+    assert 4 <= sum(mirrored) <= 28
+
+
+def test_epochs_repeat_with_a_new_order_and_can_stop():
+    source = IndexSource(40)
+    kwargs = {"global_batch_size": 8, "seed": 0, "shard_index": 0, "shard_count": 1}
+    labels = np.array(_labels(make_loader(source, **kwargs), 10)).reshape(2, 40)
+    assert sorted(labels[0]) == sorted(labels[1]) == list(range(40))
+    assert labels[0].tolist() != labels[1].tolist()
+    in_order = _labels(make_loader(source, shuffle=False, **kwargs), 1)
+    assert in_order == [list(range(8))]
+    one_epoch = make_loader(source, num_epochs=1, **kwargs)
+    assert len(_labels(one_epoch, 5)) == 5
+    with pytest.raises(StopIteration):
+        next(one_epoch)
+
+
+def test_hosts_read_disjoint_equal_shards():
+    source = IndexSource(41)
+    per_host = []
+    for host in range(2):
+        loader = make_loader(source, global_batch_size=8, seed=7, shard_index=host, shard_count=2, num_epochs=1)
+        assert loader.local_batch_size == 4
+        per_host.append([label for batch in loader for label in batch["label"].tolist()])
+    assert len(per_host[0]) == len(per_host[1]) == 20  # 41 // 2 records each, the odd one dropped
+    assert not set(per_host[0]) & set(per_host[1])
+    assert set(per_host[0]) | set(per_host[1]) <= set(range(41))
+    with pytest.raises(ValueError, match="multiple of the host count 2"):
+        make_loader(source, global_batch_size=9, seed=0, shard_index=0, shard_count=2)
+
+
+def test_restored_state_continues_with_the_same_batches():
+    source = ShapesDataset(num_images=40)  # batches of 16 cross epoch boundaries
+    kwargs = {"global_batch_size": 16, "seed": 11, "shard_index": 0, "shard_count": 1}
+    loader = make_loader(source, **kwargs)
+    _labels(loader, 3)
+    state = loader.get_state()
+    expected = [next(loader) for _ in range(3)]
+    restored = make_loader(source, **kwargs)
+    restored.set_state(state)
+    for batch in expected:
+        actual = next(restored)
+        np.testing.assert_array_equal(actual["label"], batch["label"])
+        np.testing.assert_array_equal(actual["image"], batch["image"])
+    with pytest.raises(ValueError, match="[Ss]ampler"):
+        make_loader(source, **{**kwargs, "seed": 12}).set_state(state)
+
+
+def test_sources_need_a_stable_repr():
+    class AnonymousSource(IndexSource):
+        __repr__ = object.__repr__
+
+    with pytest.raises(ValueError, match="stable __repr__"):
+        make_loader(AnonymousSource(8), global_batch_size=4, seed=0)
+
+
+def test_to_global_batch_shards_the_batch_over_all_devices():
+    devices = jax.devices()
+    assert len(devices) == 8  # tests/conftest.py forces 8 host devices
+    sharding = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
+    loader = make_loader(ShapesDataset(num_images=64), global_batch_size=16, seed=0)
+    local = next(loader)
+    global_batch = to_global_batch(local, sharding)
+    assert global_batch["image"].shape == (16, 32, 32, 3) and global_batch["label"].shape == (16,)
+    assert global_batch["image"].sharding == sharding
+    assert {shard.data.shape for shard in global_batch["image"].addressable_shards} == {(2, 32, 32, 3)}
+    np.testing.assert_array_equal(np.asarray(global_batch["image"]), local["image"])
+    np.testing.assert_array_equal(np.asarray(global_batch["label"]), local["label"])
