@@ -44,6 +44,11 @@ class Loader(Iterator[dict[str, np.ndarray]]):
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._iterator)
 
+    @property
+    def grain_iterator(self):
+        """The underlying grain iterator: what `grain.checkpoint.CheckpointSave/Restore` take to save positions."""
+        return self._iterator
+
     def get_state(self) -> bytes:
         """This host's position in the stream (grain's JSON state). Every host has its own: save one per process."""
         return self._iterator.get_state()

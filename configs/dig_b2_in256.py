@@ -1,0 +1,15 @@
+"""DiG-B/2 on ImageNet 256x256, the paper's recipe (400K steps, global batch 256, AdamW 1e-4, EMA 0.9999).
+
+Command (one host; see README "Train on ImageNet" for data, VAE and multi-host launches):
+    python -m dig_jax.train --config configs/dig_b2_in256.py --workdir workdirs/dig_b2_in256 \
+        --config.data.kwargs.data_dir=$TFDS_DATA_DIR --config.vae.path=$VAE_DIR
+Expected result: FID-50K 39.5 at 400K steps without guidance (paper Table/Fig.; 250 DDPM steps).
+Expected runtime: see docs/benchmarks.md for measured images/s; 400K steps x 256 images on 8 accelerators.
+"""
+
+from dig_jax.config_base import paper_config
+
+
+def get_config(arg=None):
+    del arg
+    return paper_config("DiG-B/2")

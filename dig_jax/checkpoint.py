@@ -1,0 +1,93 @@
+"""Checkpoints of a training run: train state (orbax, async, keep-N) and each host's data-loader position.
+
+Layout under the run's workdir:
+  config.json                  the run's config (written once, atomically; checked on resume)
+  checkpoints/<step>/state     {"step", "params", "opt_state", "ema", "rng"} (orbax, sharded arrays)
+  checkpoints/<step>/data      one JSON per process: the grain loader's position
+Orbax writes each step to a temporary folder and renames it when complete, so a crash mid-save leaves the
+previous checkpoints intact.
+"""
+
+import json
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+from dig_jax.images import atomic_write_bytes
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be used; the message says which one and what to do."""
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: dict, loader=None) -> None:
+        """Starts saving `state` (and the loader's position) as `step`; returns before the write finishes."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if loader is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(loader.grain_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state: dict, loader=None) -> dict:
+        """Restores `step` into the structure, dtypes and shardings of `abstract_state` (and the loader)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if loader is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(loader.grain_iterator)
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        except Exception as error:  # orbax raises many types for unreadable or mismatched files
+            raise CheckpointError(
+                f"checkpoint {os.path.join(self.directory, str(step))} could not be restored: "
+                f"{type(error).__name__}: {error}\nIt was left untouched. If it belongs to another model or "
+                f"config, train in a new --workdir; if it is damaged, move that step folder away to resume from "
+                f"the previous one.") from error
+
+    def restore_ema(self, step: int, abstract_ema) -> dict:
+        """Restores only the EMA weights of `step` (what sampling needs)."""
+        restore_args = ocp.checkpoint_utils.construct_restore_args({"ema": abstract_ema})
+        args = ocp.args.PyTreeRestore(item={"ema": abstract_ema}, restore_args=restore_args, partial_restore=True)
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]["ema"]
+        except Exception as error:
+            raise CheckpointError(
+                f"EMA weights of checkpoint {os.path.join(self.directory, str(step))} could not be restored: "
+                f"{type(error).__name__}: {error}") from error
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def write_run_config(workdir: str, config_json: str) -> None:
+    """Records the run's config; refuses to reuse a workdir whose model or data differ (incompatible state)."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        previous = read_run_config(workdir)
+        current = json.loads(config_json)
+        for section in ("model", "data"):
+            if previous.get(section) != current.get(section):
+                raise CheckpointError(
+                    f"{path} records a run with a different config.{section} "
+                    f"({previous.get(section)} vs now {current.get(section)}); its checkpoints are not compatible. "
+                    f"Use a new --workdir, or the same config to resume.")
+    atomic_write_bytes(path, config_json.encode())
+
+
+def read_run_config(workdir: str) -> dict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} not found: is {workdir} the --workdir of a training run?")
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,70 @@
+"""Training logs: a console progress line with throughput and ETA, TensorBoard scalars and a metrics.jsonl."""
+
+import json
+import os
+import time
+
+from tensorboardX import SummaryWriter
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class MetricsLogger:
+    """Writes scalars every `log_every` steps; only the main process writes anything.
+
+    Throughput (steps/s, images/s) is measured between consecutive `write` calls, so the first interval after a
+    (re)start, which includes compilation, is reported but not used for the ETA.
+    """
+
+    def __init__(self, workdir: str, *, total_steps: int, global_batch_size: int, is_main: bool):
+        self.total_steps = total_steps
+        self.global_batch_size = global_batch_size
+        self.is_main = is_main
+        self._last_step = None
+        self._last_time = None
+        self._steps_per_second = None
+        if is_main:
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def start(self, step: int) -> None:
+        self._last_step, self._last_time = step, time.perf_counter()
+
+    def write(self, step: int, scalars: dict) -> dict:
+        """Logs `scalars` (floats) at `step` (the number of completed steps); returns them with throughput."""
+        now = time.perf_counter()
+        elapsed, steps = now - self._last_time, step - self._last_step
+        scalars = dict(scalars)
+        if steps > 0 and elapsed > 0:
+            scalars["steps_per_second"] = steps / elapsed
+            scalars["images_per_second"] = steps * self.global_batch_size / elapsed
+            if self._steps_per_second is not None:  # skip the interval that included compilation
+                eta = (self.total_steps - step) / scalars["steps_per_second"]
+                scalars["eta_seconds"] = eta
+            self._steps_per_second = scalars["steps_per_second"]
+        self._last_step, self._last_time = step, now
+        if self.is_main:
+            self._print(step, scalars)
+            for name, value in scalars.items():
+                self._tensorboard.add_scalar(f"train/{name}", value, step)
+            self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+            self._jsonl.flush()
+        return scalars
+
+    def _print(self, step: int, s: dict) -> None:
+        parts = [f"step {step}/{self.total_steps}", f"loss {s['loss']:.4f}", f"mse {s['mse']:.4f}",
+                 f"vb {s['vb']:.4f}", f"|g| {s['grad_norm']:.3f}", f"lr {s['learning_rate']:.2e}"]
+        if "steps_per_second" in s:
+            parts += [f"{s['steps_per_second']:.2f} steps/s", f"{s['images_per_second']:.1f} img/s"]
+        if "eta_seconds" in s:
+            parts.append(f"ETA {format_duration(s['eta_seconds'])}")
+        print(" | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self.is_main:
+            self._tensorboard.close()
+            self._jsonl.close()
