@@ -7,7 +7,8 @@ largest dimension divisible by the fsdp size (FSDP / ZeRO-3); everything smaller
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 

@@ -10,7 +10,6 @@ identity-initialised skip), DiG-XL/2-paper (the paper's 16 heads; the official c
 import dataclasses
 
 import jax
-
 from flax import nnx
 
 from dig_jax.models.dig import DiG, DiGConfig

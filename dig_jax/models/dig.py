@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dig_jax.models.layers import (
-    ConditionedBackbone, layer_norm, linear, modulate, scaled_xavier_uniform, zeros)
+from dig_jax.models.layers import ConditionedBackbone, layer_norm, linear, modulate, scaled_xavier_uniform, zeros
 from pallas_kernels import chunk_gla
 
 GLA_INIT_GAIN = 2 ** -2.5  # fla's init for every projection inside the GLA layer
