@@ -10,6 +10,7 @@ Implementations are picked by name from `IMPLS`:
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gla_pallas import gla_pallas
 from pallas_kernels.gla_reference import gla_reference
 from pallas_kernels.gla_xla import gla_xla
 
@@ -17,6 +18,7 @@ from pallas_kernels.gla_xla import gla_xla
 IMPLS = {
     "reference": gla_reference,
     "xla": gla_xla,
+    "pallas": gla_pallas,
 }
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 

@@ -1,0 +1,167 @@
+"""The Pallas Triton GLA kernels (impl="pallas" on GPU), run on CPU in Pallas interpret mode.
+
+Checks the kernels' forward and backward against the float32 token-by-token reference, the Triton lowering of
+every kernel (jax.export for CUDA, so an op the real lowering rejects fails here), and the shard_map wrapper on
+8 host devices. Shapes are small: interpret mode compiles slowly.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels.gla_pallas import gla_pallas, shard_over_batch_and_heads
+from pallas_kernels.gla_reference import gla_reference
+from pallas_kernels.gla_triton import CHUNK, FACTORISED_GATE_LIMIT, TritonConfig, gla_triton
+from pallas_kernels.testing import STRONG_GATES, WEAK_GATES, make_inputs, rms_rel_err
+
+OUTPUT_TOLERANCE = {jnp.float32: 4e-3, jnp.bfloat16: 1e-2}
+GRAD_TOLERANCE = {jnp.float32: 5e-3, jnp.bfloat16: 1e-2}
+NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dinitial_state")
+interpreted = functools.partial(gla_triton, interpret=True)
+
+
+def mixed_gate_inputs(seed, batch, seq_len, heads, key_dim, value_dim, *, dtype, with_initial_state):
+    """make_inputs with weak gates in head 0 and strong gates (fla's n = 0.1) in the other heads, so one call runs
+    both the factorised intra-chunk scores and the exact per-channel fallback."""
+    dims = (batch, seq_len, heads, key_dim, value_dim)
+    q, k, v, g_weak, initial_state = make_inputs(seed, *dims, gate_strength=WEAK_GATES, dtype=dtype,
+                                                 with_initial_state=with_initial_state)
+    g_strong = make_inputs(seed + 1, *dims, gate_strength=STRONG_GATES, dtype=dtype)[3]
+    g = jnp.concatenate([g_weak[:, :, :1], g_strong[:, :, 1:]], axis=2)
+    return q, k, v, g, initial_state
+
+
+def cotangents(seed, batch, seq_len, heads, key_dim, value_dim, dtype):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.standard_normal((batch, seq_len, heads, value_dim)), dtype),
+            jnp.asarray(rng.standard_normal((batch, heads, key_dim, value_dim)), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "reverse"))
+def outputs_and_grads(q, k, v, g, initial_state, o_cotangent, state_cotangent, *, impl, reverse):
+    """(o, final_state, dq, dk, dv, dg, dinitial_state) for the given cotangents of (o, final_state)."""
+
+    def gla(q, k, v, g, initial_state):
+        return impl(q, k, v, g, scale=q.shape[-1] ** -0.5, initial_state=initial_state, reverse=reverse)
+
+    (o, final_state), vjp = jax.vjp(gla, q, k, v, g, initial_state)
+    return (o, final_state, *vjp((o_cotangent, state_cotangent)))
+
+
+def per_head_error(name, actual, expected):
+    """Worst RMS-relative error over heads: a head with strong gates has small gradients that the other heads'
+    would hide in one norm over all elements."""
+    axis = 1 if name in ("final_state", "dinitial_state") else 2  # [B, H, K, V] or [B, T, H, D]
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected)
+    return max(rms_rel_err(np.take(actual, head, axis), np.take(expected, head, axis))
+               for head in range(actual.shape[axis]))
+
+
+def assert_matches_reference(actual, inputs, cotangent, reverse, dtype):
+    upcast = [None if x is None else x.astype(jnp.float32) for x in (*inputs, *cotangent)]
+    expected = outputs_and_grads(*upcast, impl=gla_reference, reverse=reverse)
+    errors = {name: per_head_error(name, a, e) for name, a, e in zip(NAMES, actual, expected) if e is not None}
+    tolerances = {name: (OUTPUT_TOLERANCE if name in NAMES[:2] else GRAD_TOLERANCE)[dtype] for name in errors}
+    assert all(errors[name] < tolerances[name] for name in errors), (errors, tolerances)
+
+
+# (B, T, H, K, V, reverse, with_initial_state, dtype). T=100 and 130 end in a partial chunk; T=1 is all padding.
+CASES = [
+    (1, 100, 2, 16, 32, False, True, jnp.float32),
+    (1, 100, 2, 16, 32, True, True, jnp.float32),
+    (1, 130, 2, 16, 32, False, True, jnp.bfloat16),
+    (2, 1, 1, 16, 16, True, False, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("batch, seq_len, heads, key_dim, value_dim, reverse, with_initial_state, dtype", CASES)
+def test_kernels_match_reference(batch, seq_len, heads, key_dim, value_dim, reverse, with_initial_state, dtype):
+    dims = (batch, seq_len, heads, key_dim, value_dim)
+    inputs = mixed_gate_inputs(seq_len, *dims, dtype=dtype, with_initial_state=with_initial_state)
+    if heads > 1:  # the strong-gate heads must really take the fallback path
+        chunk_decay = -np.asarray(inputs[3][:, :CHUNK, 1:], np.float32).sum(axis=1)
+        assert chunk_decay.max() > FACTORISED_GATE_LIMIT
+    cotangent = cotangents(seq_len + 1, *dims, dtype)
+    actual = outputs_and_grads(*inputs, *cotangent, impl=interpreted, reverse=reverse)
+    o, final_state, dq, dk, dv, dg, dinitial_state = actual
+    assert o.dtype == dtype and final_state.dtype == jnp.float32
+    assert [x.dtype for x in (dq, dk, dv, dg)] == [dtype] * 4
+    assert (dinitial_state is None) == (not with_initial_state)
+    assert_matches_reference(actual, inputs, cotangent, reverse, dtype)
+
+
+def _shape_structs(batch, seq_len, heads, key_dim, value_dim, dtype):
+    sequence = functools.partial(jax.ShapeDtypeStruct, dtype=dtype)
+    return (sequence((batch, seq_len, heads, key_dim)), sequence((batch, seq_len, heads, key_dim)),
+            sequence((batch, seq_len, heads, value_dim)), sequence((batch, seq_len, heads, key_dim)),
+            jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_forward_and_vjp_lower_for_cuda(dtype):
+    """Runs the real Triton lowering (no GPU needed) of the forward kernel and of all backward kernels."""
+    batch, seq_len, heads, key_dim, value_dim = 2, 100, 3, 32, 64
+    inputs = _shape_structs(batch, seq_len, heads, key_dim, value_dim, dtype)
+    cotangent = (jax.ShapeDtypeStruct((batch, seq_len, heads, value_dim), dtype), inputs[-1])
+
+    def forward(q, k, v, g, initial_state):
+        return gla_triton(q, k, v, g, scale=0.2, initial_state=initial_state, reverse=True)
+
+    def vjp(q, k, v, g, initial_state, o_cotangent, state_cotangent):
+        return jax.vjp(forward, q, k, v, g, initial_state)[1]((o_cotangent, state_cotangent))
+
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for fn, args, kernels in ((forward, inputs, 1), (vjp, inputs + cotangent, 3)):
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+        assert exported.mlir_module().count("__gpu$xla.gpu.triton") == kernels
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_sharded_over_batch_and_heads(axis_type):
+    """Under jit with B and H sharded on a ("data", "model") mesh, the kernels run per shard and match the
+    unsharded reference, forward and backward."""
+    dims = (4, 70, 2, 16, 16)
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+    inputs = mixed_gate_inputs(3, *dims, dtype=jnp.float32, with_initial_state=True)
+    cotangent = cotangents(4, *dims, jnp.float32)
+    kernel = functools.partial(shard_over_batch_and_heads, functools.partial(interpreted, scale=0.25,
+                                                                             reverse=False))
+    with jax.set_mesh(mesh):
+        sequence, state = NamedSharding(mesh, P("data", None, "model")), NamedSharding(mesh, P("data", "model"))
+        placed = [jax.device_put(x, s) for x, s in zip(inputs, (sequence,) * 4 + (state,))]
+
+        @jax.jit
+        def run(q, k, v, g, initial_state, o_cotangent, state_cotangent):
+            def gla(q, k, v, g, initial_state):
+                return kernel(q, k, v, g, initial_state)
+
+            (o, final_state), vjp = jax.vjp(gla, q, k, v, g, initial_state)
+            return (o, final_state, *vjp((o_cotangent, state_cotangent)))
+
+        actual = run(*placed, *cotangent)
+    assert actual[0].sharding.is_equivalent_to(sequence, 4)
+    upcast = [x.astype(jnp.float32) for x in (*inputs, *cotangent)]
+    expected = outputs_and_grads(*upcast, impl=gla_reference, reverse=False)
+    for name, a, e in zip(NAMES, actual, expected):
+        assert rms_rel_err(np.asarray(a), e) < 5e-3, name
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU refusal")
+def test_pallas_impl_needs_gpu_or_tpu():
+    q, k, v, g, _ = make_inputs(0, 1, 4, 1, 16, 16, gate_strength=WEAK_GATES)
+    with pytest.raises(ValueError, match="needs a GPU or TPU"):
+        gla_pallas(q, k, v, g, scale=0.25, initial_state=None, reverse=False)
+
+
+@pytest.mark.parametrize("key_dim, value_dim, config, argument", [
+    (24, 64, None, "K"), (32, 8, None, "V"), (32, 64, TritonConfig(value_block=48), "config.value_block")])
+def test_unsupported_sizes_raise(key_dim, value_dim, config, argument):
+    q, k, v, g, _ = make_inputs(0, 1, 4, 1, key_dim, value_dim, gate_strength=WEAK_GATES)
+    with pytest.raises(ValueError, match=rf"{argument}\b"):
+        gla_triton(q, k, v, g, scale=0.25, initial_state=None, reverse=False, config=config)
