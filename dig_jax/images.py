@@ -32,6 +32,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs should be readable like any other file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -1,5 +1,7 @@
 """Class-conditional sampling with a trained model: DDPM or DDIM, optional classifier-free guidance."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,33 +23,35 @@ def generate(model: nnx.Module, labels, key, *, num_steps: int = 250, sampler: s
       sampler: "ddpm" (ancestral) or "ddim" (eta 0 = deterministic).
       cfg_scale: classifier-free guidance scale; 1.0 disables guidance (and the doubled batch).
       guided_channels: eps channels that guidance applies to (3 = DiT's choice); None for all.
-      decode: optional latents -> images function (the VAE); None for pixel-space models.
+      decode: optional latents -> images function (the VAE); None for pixel-space models. Pass the same function
+        object on every call: it is part of the compilation cache key.
     Returns:
       float32 [N, H, W, C] in the model's space (or decoded images in [-1, 1] when `decode` is given).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    config = model.config
+    graphdef, state = nnx.split(model)
+    return _sample_loop(graphdef, state, jnp.asarray(labels, jnp.int32), key, num_steps=num_steps, sampler=sampler,
+                        cfg_scale=float(cfg_scale), guided_channels=guided_channels, eta=float(eta), decode=decode)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "sampler", "cfg_scale", "guided_channels",
+                                             "eta", "decode"))
+def _sample_loop(graphdef, state, labels, key, *, num_steps, sampler, cfg_scale, guided_channels, eta, decode):
+    # Compiled once per (model structure, settings, batch size): later batches reuse the program.
+    net = nnx.merge(graphdef, state)
+    config = net.config
     diffusion = create_diffusion(str(num_steps) if sampler == "ddpm" else f"ddim{num_steps}",
                                  learn_sigma=config.learn_sigma)
-    labels = jnp.asarray(labels, jnp.int32)
     shape = (labels.shape[0], config.input_size, config.input_size, config.in_channels)
-    graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def run(state, labels, key):
-        net = nnx.merge(graphdef, state)
+    def model_fn(x, t, y):
+        return net(x, t, y, train=False)
 
-        def model_fn(x, t, y):
-            return net(x, t, y, train=False)
-
-        if cfg_scale != 1.0:
-            model_fn = cfg_model_fn(model_fn, cfg_scale, null_class=config.num_classes,
-                                    guided_channels=guided_channels)
-        if sampler == "ddpm":
-            samples = diffusion.p_sample_loop(model_fn, shape, key, labels)
-        else:
-            samples = diffusion.ddim_sample_loop(model_fn, shape, key, labels, eta=eta)
-        return samples if decode is None else decode(samples)
-
-    return run(state, labels, key)
+    if cfg_scale != 1.0:
+        model_fn = cfg_model_fn(model_fn, cfg_scale, null_class=config.num_classes, guided_channels=guided_channels)
+    if sampler == "ddpm":
+        samples = diffusion.p_sample_loop(model_fn, shape, key, labels)
+    else:
+        samples = diffusion.ddim_sample_loop(model_fn, shape, key, labels, eta=eta)
+    return samples if decode is None else decode(samples)
