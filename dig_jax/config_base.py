@@ -23,16 +23,26 @@ def base_config() -> ConfigDict:
     c.model.options = ConfigDict()  # extra create_model overrides, e.g. gla_impl, attention_impl, class_dropout_prob
 
     c.data = ConfigDict()
-    c.data.name = "imagenet2012"    # see dig_jax.data.DATASETS
+    c.data.name = "imagenet2012"    # see dig_jax.data.DATASETS; "latents": pre-encoded by `python -m dig_jax.encode`
     c.data.split = "train"
-    c.data.space = "latent"         # "pixel": train on images; "latent": on VAE latents
+    c.data.space = "latent"         # "pixel": train on images; "latent": on VAE latents (of images encoded online,
+                                    # or of data.name="latents"), x0 = posterior sample * scaling factor
     c.data.image_size = 256
     c.data.random_flip = True
     c.data.worker_count = 0
     c.data.kwargs = ConfigDict()    # dataset constructor options, e.g. data_dir, num_images
 
     c.vae = ConfigDict()            # latent space: a diffusers AutoencoderKL folder (config.json + safetensors)
-    c.vae.path = ""                 # e.g. a local copy of stabilityai/sd-vae-ft-ema
+    c.vae.path = ""                 # e.g. a local copy of stabilityai/sd-vae-ft-ema; encodes online, decodes samples
+    c.vae.compute_dtype = "float32"  # VAE computation dtype (online encoding, decoding, dig_jax.encode); or "bfloat16"
+
+    c.encode = ConfigDict()         # `python -m dig_jax.encode`: latents of config.data's split (dig_jax.latents)
+    c.encode.batch_size = 128       # images per jitted encode call on each host (a multiple of its device count)
+    c.encode.shard_size = 5000      # records per ArrayRecord shard; shard i is written by host i % process_count
+    c.encode.flip = True            # also store the mirrored image's moments (what data.random_flip picks in training)
+    c.encode.dtype = "float16"      # storage dtype of the moments: "float16" (half the disk) or "float32"
+    c.encode.read_threads = 16      # threads that read and decode images
+    c.encode.max_shards = 0         # write at most this many shards on each host, then stop (0: all); rerun to go on
 
     c.optimizer = ConfigDict()      # AdamW, official recipe: lr 1e-4 constant, no weight decay, no clipping
     c.optimizer.learning_rate = 1e-4
@@ -53,6 +63,12 @@ def base_config() -> ConfigDict:
     c.mesh.data = -1                # data-parallel size; -1 = all devices left after fsdp
     c.mesh.fsdp = 1                 # parameter/optimizer sharding size
 
+    c.distributed = ConfigDict()    # multi-process runs (dig_jax/distributed.py, launch/README.md)
+    c.distributed.cluster = "auto"  # "auto": explicit keys below, else SLURM / Cloud TPU detection; "none": 1 process
+    c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS or detected
+    c.distributed.num_processes = 0  # 0 = $JAX_NUM_PROCESSES or detected
+    c.distributed.process_id = -1   # -1 = $JAX_PROCESS_ID or detected
+
     c.log_every = 100
     c.checkpoint_every = 5_000
     c.keep_checkpoints = 3
@@ -69,9 +85,15 @@ def model_from_config(config: ConfigDict) -> nnx.Module:
     """The model a training config describes, initialised from config.seed."""
     m = config.model
     dtype = None if config.compute_dtype == "float32" else config.compute_dtype
-    return create_model(m.name, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                        learn_sigma=m.learn_sigma, rngs=nnx.Rngs(params=config.seed, label_dropout=config.seed + 1),
-                        dtype=dtype, remat=config.remat, **m.options.to_dict())
+
+    @nnx.jit  # one compiled initialisation instead of one dispatch per parameter
+    def build():
+        return create_model(m.name, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
+                            learn_sigma=m.learn_sigma,
+                            rngs=nnx.Rngs(params=config.seed, label_dropout=config.seed + 1),
+                            dtype=dtype, remat=config.remat, **m.options.to_dict())
+
+    return build()
 
 
 PAPER_RESULTS = {  # FID-50K at 256 px after 400K steps (spec section 5), for the configs' docstrings and README

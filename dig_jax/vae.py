@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from dig_jax.images import atomic_write_bytes
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 PYTORCH_PICKLE_FILE = "diffusion_pytorch_model.bin"
@@ -362,6 +364,13 @@ def _to_flax_layout(key: str, array: np.ndarray, flax_shape: tuple[int, ...]) ->
     return array.T if array.ndim == 2 else array
 
 
+def _to_torch_layout(array: np.ndarray) -> np.ndarray:
+    """Inverse of `_to_flax_layout`: conv HWIO -> OIHW, Linear [in, out] -> [out, in], vectors unchanged."""
+    if array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    return array.T if array.ndim == 2 else array
+
+
 def vae_from_state_dict(config: AutoencoderKLConfig, state_dict: dict[str, np.ndarray], *,
                         dtype=jnp.float32) -> AutoencoderKL:
     """Builds an AutoencoderKL from a diffusers state dict (PyTorch layouts, numpy arrays).
@@ -424,3 +433,34 @@ def load_vae(folder: str | pathlib.Path, *, dtype=jnp.float32) -> AutoencoderKL:
     """
     config = read_vae_config(folder)
     return vae_from_state_dict(config, _read_state_dict(pathlib.Path(folder)), dtype=dtype)
+
+
+def diffusers_config(config: AutoencoderKLConfig) -> dict:
+    """The config.json dict diffusers writes for `config` (what `AutoencoderKLConfig.from_diffusers` reads)."""
+    num_blocks = len(config.block_out_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        **dataclasses.asdict(config),
+        "block_out_channels": list(config.block_out_channels),
+        "act_fn": "silu",
+        "down_block_types": ["DownEncoderBlock2D"] * num_blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * num_blocks,
+    }
+
+
+def save_vae(vae: AutoencoderKL, folder: str | pathlib.Path) -> None:
+    """Writes `vae` as a diffusers AutoencoderKL folder: config.json + diffusion_pytorch_model.safetensors.
+
+    Float32 tensors in PyTorch layouts under current diffusers names: `load_vae` and diffusers'
+    `AutoencoderKL.from_pretrained` both read it. Each file is written to a temporary name, then renamed.
+    """
+    from safetensors.numpy import save
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state_dict = {
+        _diffusers_key(path): np.ascontiguousarray(_to_torch_layout(np.asarray(param.get_value(), np.float32)))
+        for path, param in nnx.to_flat_state(nnx.state(vae, nnx.Param))
+    }
+    atomic_write_bytes(str(folder / WEIGHTS_FILE), save(state_dict))
+    atomic_write_bytes(str(folder / CONFIG_FILE), json.dumps(diffusers_config(vae.config), indent=2).encode())

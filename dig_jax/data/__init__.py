@@ -9,13 +9,16 @@ Typical use in a trainer:
     state = loader.get_state()   # bytes, one per host; loader.set_state(state) resumes at the same batch
 
 Sources are random access: `len(source)`, `source[i]` -> {"image": uint8 [H, W, 3], "label": int32}, plus
-`num_classes` and `class_names`.
+`num_classes` and `class_names` (image datasets).
 
 - "shapes" (`ShapesDataset`): procedurally generated coloured shapes, 12 classes, any image size, no files.
   Options: num_images (default 50,000), seed.
 - "imagenet2012" (`imagenet.ImageNet2012`): TFDS-prepared ArrayRecord files read without TensorFlow, ADM
   center crop. Options: data_dir (required). Check a data dir with
   `python -m dig_jax.data.imagenet --data_dir DIR --dry_run`.
+- "latents" (`dig_jax.latents.LatentDataset`): VAE posterior moments written by `python -m dig_jax.encode`;
+  `source[i]` -> {"moments": float32 [h, w, 2C], "flipped_moments" (when encoded with flips), "label"} and the
+  loader yields {"moments": float32 [b, h, w, 2C], "label"}. Options: data_dir (required).
 """
 
 from __future__ import annotations
@@ -33,9 +36,17 @@ def _imagenet2012(**kwargs: Any) -> RandomAccessSource:
     return ImageNet2012(**kwargs)
 
 
+def _latents(**kwargs: Any) -> RandomAccessSource:
+    # Imported on demand: dig_jax.latents imports the VAE and flax.
+    from dig_jax.latents import LatentDataset
+
+    return LatentDataset(**kwargs)
+
+
 DATASETS = {
     "shapes": ShapesDataset,
     "imagenet2012": _imagenet2012,
+    "latents": _latents,
 }
 
 

@@ -34,6 +34,10 @@ def to_signed_unit(image: np.ndarray) -> np.ndarray:
 class FlipAndScale(grain.transforms.RandomMap):
     """Loader transform: optional random horizontal flip, then uint8 -> float32 in [-1, 1]; label -> int32.
 
+    Latent records ({"moments", "flipped_moments"?, "label"}, see dig_jax.latents) are not flipped: a flip picks
+    the moments the encoder stored for the mirrored image (mirroring a latent is not encoding a mirrored image), and
+    records without them always give "moments".
+
     The random generator comes from the loader and is seeded per record (from the loader seed and the record's
     position in the stream), so a given stream position is always flipped the same way.
     """
@@ -42,7 +46,10 @@ class FlipAndScale(grain.transforms.RandomMap):
         self.random_flip = random_flip
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        image = element["image"]
-        if self.random_flip and rng.random() < 0.5:
-            image = image[:, ::-1]
-        return {"image": to_signed_unit(image), "label": np.int32(element["label"])}
+        flip = self.random_flip and rng.random() < 0.5
+        label = np.int32(element["label"])
+        if "moments" in element:
+            moments = element["flipped_moments"] if flip and "flipped_moments" in element else element["moments"]
+            return {"moments": moments, "label": label}
+        image = element["image"][:, ::-1] if flip else element["image"]
+        return {"image": to_signed_unit(image), "label": label}
