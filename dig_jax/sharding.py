@@ -1,32 +1,74 @@
-"""Device mesh and shardings for the train state and batches.
+"""Device mesh and shardings for the train state and batches, and a per-device memory report of the state.
 
-The mesh has axes ("data", "fsdp"). Batches are split over both axes. Parameters, optimizer state and EMA are
-replicated over "data" and, for weights with at least `fsdp_min_size` elements, split over "fsdp" along their
-largest dimension divisible by the fsdp size (FSDP / ZeRO-3); everything smaller is replicated.
+The mesh has axes ("data", "fsdp"):
+- Batches are split over both axes, so every device computes on global_batch / (data * fsdp) examples.
+- Parameters, Adam moments and EMA weights with at least `fsdp_min_size` elements are split over "fsdp" along
+  their largest dimension divisible by the fsdp size (FSDP / ZeRO-3): each device stores 1/fsdp of them. Smaller
+  arrays (biases, norms, small tables) and scalars are replicated: splitting them saves little memory and costs a
+  collective each.
+- Over "data" everything in the state is replicated (plain data parallelism).
+XLA's sharding propagation inserts the collectives. With fsdp > 1 and no sharding constraints inside the model it
+may split some activations along the hidden axis instead of gathering the weight (it then warns "Involuntary full
+rematerialization"): the result is the same, only slower.
+
+A sequence axis would be a third mesh axis splitting the token axis of the activations [B, T, D] after the
+patch embedding. GLA's recurrence runs along T, so such an axis also needs the chunk states passed from shard to
+shard (a scan across devices); at 256 px DiG has only 256 tokens, and splitting the batch is enough.
+
+    python -m dig_jax.sharding --model DiG-XL/2 --fsdp 8   # state memory per device, no accelerator needed
 """
+
+import argparse
+import dataclasses
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from ml_collections import ConfigDict
 
-BATCH_AXES = ("data", "fsdp")
+from dig_jax.config_base import model_from_config, paper_config
+
+AXES = ("data", "fsdp")
+BATCH_AXES = AXES
+DEFAULT_FSDP_MIN_SIZE = 2 ** 18  # elements; 1 MiB in float32
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-    """A ("data", "fsdp") mesh over `devices` (default all); data=-1 takes what fsdp leaves."""
-    devices = jax.devices() if devices is None else devices
+    """A ("data", "fsdp") mesh over `devices` (default: all devices of all processes); data=-1 takes what fsdp
+    leaves.
+
+    Devices are laid out by `jax.make_mesh`: on TPU along the chip torus, so that neighbouring fsdp shards are
+    neighbouring chips; on GPU and CPU in process order, so that with fsdp <= devices per process the "fsdp"
+    collectives stay inside a host and "data" spans the hosts.
+    """
+    devices = jax.devices() if devices is None else list(devices)
     if fsdp < 1 or len(devices) % fsdp:
         raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {len(devices)}")
     data = len(devices) // fsdp if data == -1 else data
     if data * fsdp != len(devices):
         raise ValueError(f"mesh.data * mesh.fsdp = {data} * {fsdp} must equal the device count {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
+    return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over every device."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def under_mesh(mesh: Mesh, fn):
+    """`fn` wrapped to run with `mesh` active (`jax.set_mesh`, which cannot be entered inside a jit trace).
+
+    Ops that place themselves on the ambient mesh see it while `fn` traces: the Pallas GLA kernels run per shard
+    inside a shard_map over it (XLA cannot partition a Pallas call itself). Wrap the jitted train step with it.
+    """
+
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def param_spec(shape, fsdp_size: int, fsdp_min_size: int) -> P:
@@ -41,7 +83,7 @@ def param_spec(shape, fsdp_size: int, fsdp_min_size: int) -> P:
     return P(*spec)
 
 
-def state_shardings(abstract_state, mesh: Mesh, fsdp_min_size: int = 2 ** 18):
+def state_shardings(abstract_state, mesh: Mesh | AbstractMesh, fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE):
     """NamedShardings for a pytree of arrays/ShapeDtypeStructs (params, optimizer state, EMA)."""
     fsdp_size = mesh.shape["fsdp"]
 
@@ -50,3 +92,74 @@ def state_shardings(abstract_state, mesh: Mesh, fsdp_min_size: int = 2 ** 18):
         return NamedSharding(mesh, param_spec(tuple(shape), fsdp_size, fsdp_min_size))
 
     return jax.tree.map(sharding, abstract_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateMemory:
+    """Bytes of one part of the train state: summed over its arrays, and what one device stores."""
+
+    total_bytes: int
+    per_device_bytes: int
+
+
+def abstract_train_state(config: ConfigDict) -> dict:
+    """The trainer's state {"step", "params", "opt_state", "ema", "rng"} as ShapeDtypeStructs (nothing allocated)."""
+    from dig_jax.train import build_optimizer, init_state  # imported here: the trainer imports this module
+
+    model = nnx.eval_shape(lambda: model_from_config(config))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    tx, _ = build_optimizer(config.optimizer)
+    return jax.eval_shape(lambda p: init_state(p, tx, config.seed), params)
+
+
+def report_state_memory(config_or_model_name: ConfigDict | str, mesh: Mesh | AbstractMesh,
+                        fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> dict[str, StateMemory]:
+    """Memory of the train state under `state_shardings` on `mesh`, computed from shapes only.
+
+    Args:
+      config_or_model_name: a training config, or a model name (the paper's ImageNet 256 recipe for it).
+      mesh: a Mesh, or an AbstractMesh((data, fsdp), ("data", "fsdp")) to plan for devices one does not have.
+      fsdp_min_size: as in `state_shardings`.
+
+    Returns:
+      {"params", "opt_state", "ema", "total"} -> StateMemory. Activations and XLA's temporary buffers are not
+      included: they depend on the batch and the compiler (see the compiled step's memory_analysis()).
+    """
+    if isinstance(config_or_model_name, str):
+        config_or_model_name = paper_config(config_or_model_name)
+    state = abstract_train_state(config_or_model_name)
+    shardings = state_shardings(state, mesh, fsdp_min_size)
+    report = {part: _memory(state[part], shardings[part]) for part in ("params", "opt_state", "ema")}
+    report["total"] = _memory(state, shardings)
+    return report
+
+
+def _memory(abstract_tree, shardings) -> StateMemory:
+    leaves, shards = jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)
+    total = sum(int(np.prod(x.shape, dtype=np.int64)) * x.dtype.itemsize for x in leaves)
+    per_device = sum(int(np.prod(s.shard_shape(x.shape), dtype=np.int64)) * x.dtype.itemsize
+                     for x, s in zip(leaves, shards, strict=True))
+    return StateMemory(total, per_device)
+
+
+def format_state_memory(report: dict[str, StateMemory]) -> str:
+    lines = [f"{'part':<10} {'total GiB':>10} {'per device GiB':>15}"]
+    for part, memory in report.items():
+        lines.append(f"{part:<10} {memory.total_bytes / 2 ** 30:>10.3f} {memory.per_device_bytes / 2 ** 30:>15.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train-state memory per device (params, Adam, EMA).")
+    parser.add_argument("--model", default="DiG-XL/2", help="model name (dig_jax.models.MODELS)")
+    parser.add_argument("--data", type=int, default=1, help="mesh data size")
+    parser.add_argument("--fsdp", type=int, default=8, help="mesh fsdp size")
+    parser.add_argument("--fsdp_min_size", type=int, default=DEFAULT_FSDP_MIN_SIZE)
+    args = parser.parse_args()
+    mesh = AbstractMesh((args.data, args.fsdp), AXES)
+    print(f"{args.model} on mesh data={args.data} x fsdp={args.fsdp}")
+    print(format_state_memory(report_state_memory(args.model, mesh, args.fsdp_min_size)))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,16 +16,19 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 from dig_jax import checkpoint as ckpt
+from dig_jax import distributed
 from dig_jax.config_base import model_from_config
 from dig_jax.data import create_dataset, make_loader, to_global_batch
 from dig_jax.diffusion import create_diffusion, sample_timesteps
 from dig_jax.images import make_grid, save_png, to_uint8
+from dig_jax.latents import check_data_space, data_space
 from dig_jax.metrics import MetricsLogger
 from dig_jax.sampling import generate
-from dig_jax.sharding import batch_sharding, make_mesh, state_shardings
+from dig_jax.sharding import batch_sharding, make_mesh, state_shardings, under_mesh
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -50,13 +53,10 @@ def validate_config(config: ConfigDict) -> None:
     if config.global_batch_size % jax.device_count():
         raise ConfigError(f"config.global_batch_size={config.global_batch_size} must be divisible by the "
                           f"{jax.device_count()} devices")
-    if config.data.space != "pixel":
-        raise ConfigError(
-            f"config.data.space={config.data.space!r}: latent-space training needs the VAE and latent data "
-            f"pipeline (config.data.space='pixel' is the only space this trainer supports so far)")
-    if config.data.image_size != config.model.input_size:
-        raise ConfigError(f"config.data.image_size={config.data.image_size} must equal config.model.input_size="
-                          f"{config.model.input_size} for pixel-space training")
+    try:  # data space, data dir, VAE folder and latent shapes (reads metadata and config files only)
+        check_data_space(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
 
 def build_optimizer(o: ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -76,43 +76,68 @@ def init_state(params, tx, seed: int) -> dict:
             "ema": jax.tree.map(jnp.copy, params), "rng": jax.random.key_data(jax.random.key(seed))}
 
 
-def make_train_step(graphdef, model_rest, diffusion, tx, schedule, ema_decay: float):
-    """(state, batch) -> (state, metrics): one AdamW step on the diffusion loss and an EMA update."""
+def make_train_step(graphdef, model_rest, diffusion, tx, schedule, ema_decay: float, to_x0):
+    """(state, batch, frozen) -> (state, metrics): one AdamW step on the diffusion loss and an EMA update.
 
-    def loss_fn(params, batch, key):
-        t_key, noise_key, dropout_key = jax.random.split(key, 3)
+    to_x0(frozen, batch, key) gives the diffused x0 (dig_jax.latents.DataSpace): the images, or latents sampled
+    from the VAE posterior; `frozen` holds the constants it reads (VAE parameters), never trained nor saved.
+    """
+
+    def loss_fn(params, batch, frozen, key):
+        t_key, noise_key, dropout_key, x0_key = jax.random.split(key, 4)
         model = nnx.merge(graphdef, params, model_rest, copy=True)
         nnx.reseed(model, label_dropout=dropout_key)
-        x0 = batch["image"]
+        x0 = to_x0(frozen, batch, x0_key)
         t = sample_timesteps(t_key, x0.shape[0], diffusion.num_timesteps)
         noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
         losses = diffusion.training_losses(lambda x, t, y: model(x, t, y, train=True), x0, t, noise, batch["label"])
         return losses["loss"].mean(), losses
 
-    def train_step(state, batch):
+    def train_step(state, batch, frozen):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        grads, losses = jax.grad(loss_fn, has_aux=True)(state["params"], batch, key)
+        grads, losses = jax.grad(loss_fn, has_aux=True)(state["params"], batch, frozen, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
         metrics = {"loss": losses["loss"].mean(), "mse": losses["mse"].mean(), "vb": losses["vb"].mean(),
-                   "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state["step"])}
+                   "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"])}
         return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}, metrics
 
     return train_step
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly (a second SIGINT aborts)."""
+    """While active, SIGTERM/SIGINT set a flag; the loop then saves a checkpoint and exits cleanly.
+
+    A second SIGINT aborts at once. The previous handlers are restored on exit.
+    """
 
     def __init__(self):
         self.signal = None
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def stop_agreed(stop: StopRequest, step: int, sync_every: int) -> bool:
+    """Whether to stop after `step`. With several processes all must stop at the same step (the save is
+    collective), so each process's flag is shared every `sync_every` steps and any one of them stops all."""
+    if jax.process_count() == 1:
+        return stop.signal is not None
+    if step % sync_every:
+        return False
+    return bool(np.any(multihost_utils.process_allgather(np.int32(stop.signal is not None))))
 
 
 def check_finite(step: int, metrics: dict, checkpointer: ckpt.Checkpointer) -> None:
@@ -125,13 +150,20 @@ def check_finite(step: int, metrics: dict, checkpointer: ckpt.Checkpointer) -> N
             f"config.optimizer.grad_clip_norm.")
 
 
-def save_sample_grid(config: ConfigDict, model: nnx.Module, ema_params, workdir: str, step: int) -> str:
-    """Samples `config.sample.per_class` images of every class with the EMA weights into samples_<step>.png."""
+def save_sample_grid(config: ConfigDict, model: nnx.Module, ema_params, workdir: str, step: int,
+                     decode=None) -> str:
+    """Samples `config.sample.per_class` images of every class with the EMA weights into samples_<step>.png.
+
+    decode: latents -> images (DataSpace.decode) in latent space. It runs after `generate`, not inside it, so
+    that the VAE's weights stay arguments of its own compiled function instead of constants of the sampler's.
+    """
     nnx.update(model, ema_params)
     s = config.sample
     labels = np.repeat(np.arange(config.model.num_classes), s.per_class)
     images = generate(model, labels, jax.random.key(config.seed), num_steps=s.num_steps, sampler=s.sampler,
                       cfg_scale=s.cfg_scale)
+    if decode is not None:
+        images = decode(images)
     grid = make_grid(to_uint8(images).reshape(config.model.num_classes * s.per_class, *images.shape[1:]),
                      columns=s.per_class)
     path = os.path.join(workdir, f"samples_{step}.png")
@@ -141,6 +173,7 @@ def save_sample_grid(config: ConfigDict, model: nnx.Module, ema_params, workdir:
 
 def train(config: ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
+    distributed.initialize(config)  # first: connects the processes of a multi-host job before any device is used
     validate_config(config)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -148,6 +181,9 @@ def train(config: ConfigDict, workdir: str) -> dict:
         ckpt.write_run_config(workdir, config.to_json_best_effort(indent=2))
 
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    if is_main:  # process 0 alone writes config.json, logs, metrics and samples; every process saves its shards
+        print(f"{distributed.describe_processes()}; mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}",
+              flush=True)
     model = model_from_config(config)
     graphdef, params, model_rest = nnx.split(model, nnx.Param, ...)
     diffusion = create_diffusion(learn_sigma=config.model.learn_sigma)
@@ -155,6 +191,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
     shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh)
     state = jax.jit(init_state, static_argnums=(1, 2), out_shardings=shardings)(params, tx, config.seed)
     data_sharding = batch_sharding(mesh)
+    space = data_space(config, mesh)  # x0 from batches: pixels, online VAE encoding or stored moments
 
     source = create_dataset(config.data.name, split=config.data.split, image_size=config.data.image_size,
                             **config.data.kwargs.to_dict())
@@ -164,41 +201,48 @@ def train(config: ConfigDict, workdir: str) -> dict:
     checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints)
     start_step = checkpointer.latest_step() or 0
     if start_step:
-        state = checkpointer.restore(start_step, state, loader)
-        print(f"Resumed from step {start_step} in {checkpointer.directory}", flush=True)
-    if start_step >= config.num_steps:
+        state = distributed.restore_checkpoint(checkpointer, start_step, state, loader)
+        if is_main:
+            print(f"Resumed from step {start_step} in {checkpointer.directory}", flush=True)
+    if start_step >= config.num_steps and is_main:
         print(f"Nothing to do: the run already reached config.num_steps={config.num_steps}.", flush=True)
 
-    train_step = jax.jit(make_train_step(graphdef, model_rest, diffusion, tx, schedule, config.ema_decay),
-                         in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
-                         donate_argnums=0)
+    train_step = under_mesh(mesh, jax.jit(
+        make_train_step(graphdef, model_rest, diffusion, tx, schedule, config.ema_decay, space.to_x0),
+        # None: the frozen VAE parameters keep the replicated sharding they were placed with.
+        in_shardings=(shardings, data_sharding, None), out_shardings=(shardings, None), donate_argnums=0))
     logger = MetricsLogger(workdir, total_steps=config.num_steps, global_batch_size=config.global_batch_size,
                            is_main=is_main)
-    stop = StopRequest()
-    logged = {}
+    logged, stopping = {}, False
     logger.start(start_step)
-    try:
-        for step in range(start_step + 1, config.num_steps + 1):
-            batch = to_global_batch(next(loader), data_sharding)
-            state, metrics = train_step(state, batch)
-            last = step == config.num_steps
-            if step % config.log_every == 0 or last:
-                logged = logger.write(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
-            if step % config.checkpoint_every == 0 or last or stop.signal:
-                check_finite(step, jax.device_get(metrics), checkpointer)
-                checkpointer.save(step, state, loader)
-            elif step % config.log_every == 0:
-                check_finite(step, logged, checkpointer)
-            if stop.signal:
-                print(f"{stop.signal} received: saved step {step} to {checkpointer.directory}; rerun the same "
-                      f"command to resume.", flush=True)
-                break
-    finally:
-        checkpointer.close()
-        logger.close()
-    if not stop.signal and config.sample.per_class and is_main:
-        path = save_sample_grid(config, model, jax.device_get(state["ema"]), workdir, int(state["step"]))
-        print(f"Wrote EMA samples to {path}", flush=True)
+    with StopRequest() as stop:
+        try:
+            for step in range(start_step + 1, config.num_steps + 1):
+                batch = to_global_batch(next(loader), data_sharding)
+                state, metrics = train_step(state, batch, space.frozen)
+                last = step == config.num_steps
+                if step % config.log_every == 0 or last:
+                    logged = logger.write(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
+                stopping = stop_agreed(stop, step, config.log_every)
+                if step % config.checkpoint_every == 0 or last or stopping:
+                    check_finite(step, jax.device_get(metrics), checkpointer)
+                    checkpointer.save(step, state, loader)
+                elif step % config.log_every == 0:
+                    check_finite(step, logged, checkpointer)
+                if stopping:
+                    print(f"{stop.signal or 'a signal on another process'} received: saved step {step} to "
+                          f"{checkpointer.directory}; rerun the same command to resume.", flush=True)
+                    break
+        finally:
+            checkpointer.close()
+            logger.close()
+    if not stopping and config.sample.per_class:
+        # FSDP may spread the EMA over several processes: every process takes part in gathering it.
+        ema = (multihost_utils.process_allgather(state["ema"], tiled=True) if jax.process_count() > 1
+               else jax.device_get(state["ema"]))
+        if is_main:
+            path = save_sample_grid(config, model, ema, workdir, int(state["step"]), space.decode)
+            print(f"Wrote EMA samples to {path}", flush=True)
     return logged
 
 
@@ -216,6 +260,16 @@ def main(argv):
         sys.exit(2)
 
 
+def parse_flags(argv):
+    """absl parsing, with unknown `--config.<key>` overrides reported by name instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:
+        overrides = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
+        print(f"error: unknown config key among {overrides}: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

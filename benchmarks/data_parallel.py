@@ -1,0 +1,134 @@
+"""Data-parallel training throughput: the trainer's jitted step on one device and on all visible devices.
+
+Default workload: DiG-S/2 on 256 px ImageNet latents (32 x 32 x 4 inputs), 32 examples per device, bfloat16
+compute (float32 parameters and Adam state), mesh data=N x fsdp=1. The step is `dig_jax.train`'s: diffusion loss,
+AdamW, EMA, state donated, batch split over the devices; x0 is fed directly (random latents), so it leaves out
+only the posterior sample of pre-encoded latents, one elementwise op.
+
+Usage, from the repository root on a GPU machine:
+    python benchmarks/data_parallel.py [--model DiG-S/2] [--batch_per_device 32] [--steps 30] [--warmup 5]
+CPU check with a tiny model:
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python benchmarks/data_parallel.py \
+        --options depth=1,hidden_size=64,num_heads=2 --input_size 8 --batch_per_device 2 --steps 3 --warmup 1
+
+Times: the median over --steps steps, each waited for, after --warmup steps (the first one compiles). Scaling
+efficiency = images/s on N devices / (N x images/s on one device).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dig_jax.config_base import model_from_config, paper_config
+from dig_jax.diffusion import create_diffusion
+from dig_jax.latents import data_space
+from dig_jax.sharding import batch_sharding, make_mesh, state_shardings, under_mesh
+from dig_jax.train import build_optimizer, init_state, make_train_step
+
+
+def parse_options(text: str) -> dict:
+    """"depth=1,hidden_size=64,gla_impl=xla" -> {"depth": 1, "hidden_size": 64, "gla_impl": "xla"}."""
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--options items must be key=value, got {item!r}")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
+
+
+def benchmark_config(args):
+    config = paper_config(args.model)
+    config.model.input_size = args.input_size
+    config.model.options = args.options
+    config.data.space = "pixel"  # x0 = batch["image"]: the random latents below
+    config.data.image_size = args.input_size
+    config.compute_dtype = args.compute_dtype
+    return config
+
+
+def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int) -> float:
+    """Median seconds per train step with the batch split over `devices` (a data-parallel mesh)."""
+    mesh = make_mesh(data=len(devices), fsdp=1, devices=devices)
+    graphdef, params, rest = nnx.split(model_from_config(config), nnx.Param, ...)
+    tx, schedule = build_optimizer(config.optimizer)
+    shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh)
+    state = jax.jit(init_state, static_argnums=(1, 2), out_shardings=shardings)(params, tx, config.seed)
+    space = data_space(config, mesh)
+    step = under_mesh(mesh, jax.jit(
+        make_train_step(graphdef, rest, create_diffusion(learn_sigma=config.model.learn_sigma), tx, schedule,
+                        config.ema_decay, space.to_x0),
+        in_shardings=(shardings, batch_sharding(mesh), None), out_shardings=(shardings, None), donate_argnums=0))
+
+    rng = np.random.default_rng(0)
+    size, channels = config.model.input_size, config.model.in_channels
+    global_batch = batch_per_device * len(devices)
+    batch = jax.device_put({
+        "image": rng.standard_normal((global_batch, size, size, channels), np.float32),
+        "label": rng.integers(0, config.model.num_classes, global_batch).astype(np.int32)}, batch_sharding(mesh))
+
+    seconds = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch, space.frozen)
+        jax.block_until_ready(metrics["loss"])
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    if not np.isfinite(float(metrics["loss"])):
+        raise RuntimeError(f"non-finite loss {float(metrics['loss'])} on {len(devices)} device(s)")
+    return statistics.median(seconds)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="DiG-S/2")
+    parser.add_argument("--input_size", type=int, default=32, help="latent side (32 for 256 px images)")
+    parser.add_argument("--options", type=parse_options, default={},
+                        help="model overrides, e.g. depth=1,hidden_size=64,num_heads=2,gla_impl=xla")
+    parser.add_argument("--batch_per_device", type=int, default=32)
+    parser.add_argument("--compute_dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", default="", help="folder for data_parallel.json (optional)")
+    args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1 (the first step compiles)")
+
+    config = benchmark_config(args)
+    devices = jax.devices()
+    print(f"{args.model} {args.options or ''} input {args.input_size}x{args.input_size}x{config.model.in_channels}, "
+          f"{args.batch_per_device} per device, {args.compute_dtype}; {len(devices)} x {devices[0].device_kind}, "
+          f"jax {jax.__version__}", flush=True)
+    rows = []
+    for count in sorted({1, len(devices)}):
+        seconds = time_steps(config, devices[:count], args.batch_per_device, args.warmup, args.steps)
+        images_per_second = args.batch_per_device * count / seconds
+        rows.append({"devices": count, "global_batch": args.batch_per_device * count, "step_ms": 1e3 * seconds,
+                     "images_per_second": images_per_second,
+                     "efficiency": images_per_second / (count * rows[0]["images_per_second"]) if rows else 1.0})
+        print(f"measured {count} device(s): {1e3 * seconds:.1f} ms/step", flush=True)
+
+    print(f"\n{'devices':>7} {'global batch':>12} {'ms/step':>9} {'images/s':>10} {'per device':>10} "
+          f"{'efficiency':>10}")
+    for r in rows:
+        print(f"{r['devices']:>7} {r['global_batch']:>12} {r['step_ms']:>9.1f} {r['images_per_second']:>10.1f} "
+              f"{r['images_per_second'] / r['devices']:>10.1f} {r['efficiency']:>10.1%}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "data_parallel.json"), "w") as f:
+            json.dump({"model": args.model, "options": args.options, "input_size": args.input_size,
+                       "batch_per_device": args.batch_per_device, "compute_dtype": args.compute_dtype,
+                       "device_kind": devices[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The trainer end to end on the built-in data: learning, exact resume, preemption, NaN guard, bad configs."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from configs import quickstart
+from dig_jax import checkpoint as ckpt
+from dig_jax.train import ConfigError, NonFiniteLossError, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    c = quickstart.get_config()
+    c.model.input_size = c.data.image_size = 16
+    c.model.options = dict(depth=1, hidden_size=32, num_heads=2, gla_impl="xla")
+    c.global_batch_size = 8
+    c.num_steps = 6
+    c.log_every = 1
+    c.checkpoint_every = 3
+    c.sample.per_class = 0
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return c
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {record["step"]: record["loss"] for record in map(json.loads, f)}
+
+
+def test_training_lowers_the_loss(tmp_path):
+    config = tiny_config(num_steps=120, log_every=10, checkpoint_every=1000, global_batch_size=16)
+    config.optimizer.learning_rate = 2e-3
+    train(config, str(tmp_path))
+    trajectory = losses(str(tmp_path))
+    assert trajectory[120] < 0.6 * trajectory[10], trajectory
+
+
+def test_resume_is_exact(tmp_path):
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    train(tiny_config(), straight)
+    train(tiny_config(num_steps=3), interrupted)
+    assert sorted(os.listdir(os.path.join(interrupted, "checkpoints"))) == ["3"]
+    train(tiny_config(), interrupted)
+    expected, resumed = losses(straight), losses(interrupted)
+    assert [resumed[step] for step in (4, 5, 6)] == [expected[step] for step in (4, 5, 6)]
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    workdir = str(tmp_path)
+    command = [sys.executable, "-m", "dig_jax.train", "--config", "configs/quickstart.py", "--workdir", workdir,
+               "--config.model.input_size=16", "--config.data.image_size=16", "--config.global_batch_size=8",
+               "--config.num_steps=100000", "--config.log_every=1", "--config.checkpoint_every=100000",
+               "--config.sample.per_class=0", "--config.model.options.depth=1",
+               "--config.model.options.hidden_size=32", "--config.model.options.num_heads=2"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:  # wait until training is under way
+            if line.startswith("step 2/"):
+                break
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "SIGTERM received: saved step" in output
+    saved = ckpt.Checkpointer(workdir).latest_step()
+    assert saved is not None and saved >= 2
+    train(tiny_config(num_steps=saved + 1), workdir)  # resumes from the saved step
+    assert max(losses(workdir)) == saved + 1
+
+
+def test_nan_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+    config = tiny_config(num_steps=50, checkpoint_every=1)
+    config.optimizer.learning_rate = 1e30
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is step"):
+        train(config, str(tmp_path))
+    last = ckpt.Checkpointer(str(tmp_path)).latest_step()
+    assert last is not None and last < 50
+
+
+def tree_digest(folder):
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()
+
+
+def test_corrupt_checkpoint_is_reported_and_left_untouched(tmp_path):
+    workdir = str(tmp_path)
+    train(tiny_config(num_steps=3), workdir)
+    step_dir = os.path.join(workdir, "checkpoints", "3", "state")
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(8)
+    before = tree_digest(os.path.join(workdir, "checkpoints"))
+    with pytest.raises(ckpt.CheckpointError, match="could not be restored"):
+        train(tiny_config(), workdir)
+    assert tree_digest(os.path.join(workdir, "checkpoints")) == before
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+    train(tiny_config(num_steps=1), str(tmp_path))
+    other = tiny_config()
+    other.model.options = dict(depth=2, hidden_size=32, num_heads=2, gla_impl="xla")
+    with pytest.raises(ckpt.CheckpointError, match="different config.model"):
+        train(other, str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("compute_dtype", "float16", "config.compute_dtype"),
+    ("global_batch_size", 0, "config.global_batch_size"),
+    ("ema_decay", 1.5, "config.ema_decay"),
+    ("data.image_size", 24, "config.data.image_size"),
+])
+def test_bad_config_values_are_rejected_by_name(tmp_path, key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_config(**{key: value}), str(tmp_path))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.bogus=1", "bogus"),
+    ("--config.model.bogus=1", "config.model.bogus"),
+    ("--config.num_steps=abc", "config.num_steps"),
+])
+def test_bad_command_line_overrides_name_the_key(tmp_path, override, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "dig_jax.train", "--config", "configs/quickstart.py", "--workdir", str(tmp_path),
+         override], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_quickstart_config_trains_and_writes_a_sample_grid(tmp_path):
+    config = tiny_config(num_steps=2)
+    config.sample.per_class = 1
+    config.sample.num_steps = 3
+    started = time.time()
+    train(config, str(tmp_path))
+    assert os.path.exists(os.path.join(tmp_path, "samples_2.png"))
+    assert time.time() - started < 300
