@@ -88,7 +88,8 @@ def sample_images(model: nnx.Module, labels: np.ndarray, seed: int, *, batch_siz
     """uint8 [N, H, W, C] images for int labels [N], `batch_size` at a time.
 
     Batch i uses the key fold_in(key(seed), i), so the same seed, labels and batch_size give the same images.
-    `settings` go to `dig_jax.sampling.generate` (num_steps, sampler, cfg_scale, guided_channels, eta); `decode`
+    `settings` go to `dig_jax.sampling.generate` (num_steps, sampler, cfg_scale, guided_channels, eta,
+    clip_denoised); `decode`
     (see `load_decoder`) turns latents into images after each batch.
     """
     key = jax.random.key(seed)
@@ -190,7 +191,8 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     images = sample_images(model, labels, args.seed, batch_size=args.batch_size, decode=decode,
                            num_steps=args.num_steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
-                           guided_channels=args.guided_channels, eta=args.eta)
+                           guided_channels=args.guided_channels, eta=args.eta,
+                           clip_denoised=config.data.space == "pixel")
     seconds = time.perf_counter() - start
     print(f"Sampled {len(images)} images of step {step} ({args.sampler}, {args.num_steps} steps, cfg "
           f"{args.cfg_scale:g}) in {seconds:.1f} s, {len(images) / seconds:.2f} images/s including compilation",

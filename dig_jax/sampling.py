@@ -12,7 +12,7 @@ SAMPLERS = ("ddpm", "ddim")
 
 
 def generate(model: nnx.Module, labels, key, *, num_steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 1.0,
-             guided_channels: int | None = 3, eta: float = 0.0, decode=None):
+             guided_channels: int | None = 3, eta: float = 0.0, clip_denoised: bool = False, decode=None):
     """Samples one image per label.
 
     Args:
@@ -23,6 +23,8 @@ def generate(model: nnx.Module, labels, key, *, num_steps: int = 250, sampler: s
       sampler: "ddpm" (ancestral) or "ddim" (eta 0 = deterministic).
       cfg_scale: classifier-free guidance scale; 1.0 disables guidance (and the doubled batch).
       guided_channels: eps channels that guidance applies to (3 = DiT's choice); None for all.
+      clip_denoised: clip each step's x0 prediction to [-1, 1] (ADM's choice for pixel-space models; DiT's
+        latent models do not clip).
       decode: optional latents -> images function (the VAE); None for pixel-space models. Pass the same function
         object on every call: it is part of the compilation cache key.
     Returns:
@@ -32,12 +34,14 @@ def generate(model: nnx.Module, labels, key, *, num_steps: int = 250, sampler: s
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     graphdef, state = nnx.split(model)
     return _sample_loop(graphdef, state, jnp.asarray(labels, jnp.int32), key, num_steps=num_steps, sampler=sampler,
-                        cfg_scale=float(cfg_scale), guided_channels=guided_channels, eta=float(eta), decode=decode)
+                        cfg_scale=float(cfg_scale), guided_channels=guided_channels, eta=float(eta),
+                        clip_denoised=bool(clip_denoised), decode=decode)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "sampler", "cfg_scale", "guided_channels",
-                                             "eta", "decode"))
-def _sample_loop(graphdef, state, labels, key, *, num_steps, sampler, cfg_scale, guided_channels, eta, decode):
+                                             "eta", "clip_denoised", "decode"))
+def _sample_loop(graphdef, state, labels, key, *, num_steps, sampler, cfg_scale, guided_channels, eta, clip_denoised,
+                 decode):
     # Compiled once per (model structure, settings, batch size): later batches reuse the program.
     net = nnx.merge(graphdef, state)
     config = net.config
@@ -51,7 +55,7 @@ def _sample_loop(graphdef, state, labels, key, *, num_steps, sampler, cfg_scale,
     if cfg_scale != 1.0:
         model_fn = cfg_model_fn(model_fn, cfg_scale, null_class=config.num_classes, guided_channels=guided_channels)
     if sampler == "ddpm":
-        samples = diffusion.p_sample_loop(model_fn, shape, key, labels)
+        samples = diffusion.p_sample_loop(model_fn, shape, key, labels, clip_denoised=clip_denoised)
     else:
-        samples = diffusion.ddim_sample_loop(model_fn, shape, key, labels, eta=eta)
+        samples = diffusion.ddim_sample_loop(model_fn, shape, key, labels, eta=eta, clip_denoised=clip_denoised)
     return samples if decode is None else decode(samples)

@@ -161,7 +161,7 @@ def save_sample_grid(config: ConfigDict, model: nnx.Module, ema_params, workdir:
     s = config.sample
     labels = np.repeat(np.arange(config.model.num_classes), s.per_class)
     images = generate(model, labels, jax.random.key(config.seed), num_steps=s.num_steps, sampler=s.sampler,
-                      cfg_scale=s.cfg_scale)
+                      cfg_scale=s.cfg_scale, clip_denoised=config.data.space == "pixel")
     if decode is not None:
         images = decode(images)
     grid = make_grid(to_uint8(images).reshape(config.model.num_classes * s.per_class, *images.shape[1:]),

@@ -52,7 +52,8 @@ class ImageNetSummary:
 
 def _build_instructions(data_dir: Path) -> str:
     return (
-        f"Download {_MANUAL_TARS['train']} and {_MANUAL_TARS['validation']} from https://image-net.org into {data_dir / 'downloads' / 'manual'} and run "
+        f"Download {_MANUAL_TARS['train']} and {_MANUAL_TARS['validation']} from https://image-net.org into "
+        f"{data_dir / 'downloads' / 'manual'} and run "
         f"`tfds build {DATASET_NAME} --data_dir {data_dir} --file_format array_record` "
         "(building needs `pip install tensorflow` once; training reads the files without it)."
     )

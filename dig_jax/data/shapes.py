@@ -26,7 +26,7 @@ _TEXTURE_SOFTNESS = 0.12
 
 @dataclasses.dataclass(frozen=True)
 class ShapeClass:
-    """One class: `shape` outline, `texture` fill pattern, and the two colours the texture alternates (RGB in [0, 1])."""
+    """One class: `shape` outline, `texture` fill pattern, and the two texture colours (RGB in [0, 1])."""
 
     name: str
     shape: str
