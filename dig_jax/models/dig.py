@@ -20,7 +20,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dig_jax.models.layers import ConditionedBackbone, layer_norm, linear, modulate, scaled_xavier_uniform, zeros
+from dig_jax.models.layers import (
+    BackboneConfig,
+    ConditionedBackbone,
+    layer_norm,
+    linear,
+    modulate,
+    scaled_xavier_uniform,
+    zeros,
+)
 from pallas_kernels import chunk_gla
 
 GLA_INIT_GAIN = 2 ** -2.5  # fla's init for every projection inside the GLA layer
@@ -59,22 +67,11 @@ def swiglu_hidden_size(hidden_size: int) -> int:
     return 256 * math.ceil(int(hidden_size * 8 / 3) / 256)
 
 
-@dataclasses.dataclass(frozen=True)
-class DiGConfig:
-    depth: int
-    hidden_size: int
-    num_heads: int
-    patch_size: int
-    input_size: int = 32
-    in_channels: int = 4
-    num_classes: int = 1000
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiGConfig(BackboneConfig):
     skip: bool = False            # U-shape long skips between the first and second half
     zero_init_skip: bool = False  # skip Linear starts as [I | 0]: the skip is ignored at init
     gla_impl: str = "auto"        # chunk_gla implementation
-    dtype: str | None = None      # compute dtype ("bfloat16"); parameters stay float32
-    remat: bool = False           # rematerialise each block in the backward pass
 
 
 class GatedLinearAttention(nnx.Module):

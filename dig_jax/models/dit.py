@@ -6,26 +6,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dig_jax.models.layers import ConditionedBackbone, layer_norm, linear, modulate, zeros
+from dig_jax.models.layers import BackboneConfig, ConditionedBackbone, layer_norm, linear, modulate, zeros
 
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
-@dataclasses.dataclass(frozen=True)
-class DiTConfig:
-    depth: int
-    hidden_size: int
-    num_heads: int
-    patch_size: int
-    input_size: int = 32
-    in_channels: int = 4
-    num_classes: int = 1000
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiTConfig(BackboneConfig):
     mlp_ratio: float = 4.0
     attention_impl: str = "xla"   # jax.nn.dot_product_attention implementation: "xla" or "cudnn" (GPU, bf16)
-    dtype: str | None = None      # compute dtype ("bfloat16"); parameters stay float32
-    remat: bool = False
 
 
 class Attention(nnx.Module):

@@ -4,6 +4,7 @@ Layouts: images/latents NHWC [N, H, W, C]; token sequences [N, T, D] in raster (
 (H/p) x (W/p) patch grid.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -132,6 +133,22 @@ def unpatchify(x, patch_size: int, channels: int):
     grid = math.isqrt(tokens)
     x = x.reshape(n, grid, grid, patch_size, patch_size, channels)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, grid * patch_size, grid * patch_size, channels)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BackboneConfig:
+    """Fields every model config has; DiGConfig and DiTConfig add their own."""
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    dtype: str | None = None      # compute dtype ("bfloat16"); parameters stay float32
+    remat: bool = False           # rematerialise each block in the backward pass
 
 
 class ConditionedBackbone(nnx.Module):
