@@ -50,7 +50,8 @@ def test_posterior_matches_gaussian_conditioning():
     x0, x_t = np.random.default_rng(0).normal(size=(2, 4, 1, 1, 1))
     t = np.array([1, 10, 500, 999])
     mean, variance, log_variance = diffusion.q_posterior_mean_variance(jnp.asarray(x0), jnp.asarray(x_t), t)
-    # q(x_{t-1} | x0) = N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1}) times q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t).
+    # q(x_{t-1} | x0) = N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1})
+    # times q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t).
     abar_prev, beta = s.alphas_cumprod[t - 1], s.betas[t]
     precision = 1.0 / (1.0 - abar_prev) + (1.0 - beta) / beta
     expected_variance = 1.0 / precision

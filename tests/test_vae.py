@@ -219,7 +219,8 @@ def test_diagonal_gaussian_clamps_logvar_and_samples():
     posterior, sample = _posterior_and_sample(np.concatenate([mean, logvar], axis=-1), jax.random.key(0))
 
     np.testing.assert_array_equal(posterior.mode(), mean)
-    np.testing.assert_array_equal(posterior.logvar[0, 0, 0], np.array([-30, 20, np.log(0.25), np.log(0.25)], np.float32))
+    expected = np.array([-30, 20, np.log(0.25), np.log(0.25)], np.float32)
+    np.testing.assert_array_equal(posterior.logvar[0, 0, 0], expected)
     noise = (sample[1] - mean[1]) / 0.5  # std = exp(0.5 * log(0.25))
     assert abs(float(noise.mean())) < 0.03 and abs(float(noise.std()) - 1) < 0.03
     _, other_sample = _posterior_and_sample(np.concatenate([mean, logvar], axis=-1), jax.random.key(1))
@@ -275,7 +276,8 @@ def test_half_precision_checkpoints_load_as_float32(tmp_path):
         vae = load_vae(_write_folder(tmp_path / np.dtype(dtype).name, SMALL_CONFIG, stored))
         kernel = vae.decoder.conv_out.kernel[...]
         assert kernel.dtype == jnp.float32
-        np.testing.assert_array_equal(kernel, stored["decoder.conv_out.weight"].astype(np.float32).transpose(2, 3, 1, 0))
+        expected = stored["decoder.conv_out.weight"].astype(np.float32).transpose(2, 3, 1, 0)
+        np.testing.assert_array_equal(kernel, expected)
 
 
 def test_missing_folder_config_and_weights(tmp_path):
