@@ -73,18 +73,6 @@ def encode_config(vae_path: str, **encode_overrides):
     return c
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    return write_tiny_vae(tmp_path_factory.mktemp("vae"))
-
-
-@pytest.fixture(scope="module")
-def encoded(tmp_path_factory, vae_dir):
-    out = str(tmp_path_factory.mktemp("latents"))
-    encode.run(encode_config(vae_dir), out)
-    return out
-
-
 def test_save_vae_writes_a_diffusers_folder_that_loads_back(tmp_path):
     vae = tiny_vae(seed=1)
     save_vae(vae, tmp_path)

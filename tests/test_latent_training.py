@@ -13,9 +13,8 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from test_encode import IMAGE_SIZE, encode_config, write_tiny_vae
+from test_encode import IMAGE_SIZE
 
-from dig_jax import encode
 from dig_jax.config_base import base_config
 from dig_jax.latents import data_space, read_metadata, write_metadata
 from dig_jax.sharding import make_mesh
@@ -27,16 +26,10 @@ NUM_CLASSES = 12
 PAPER_CONFIGS = [f"configs.{family}_{size}2_in256" for family in ("dig", "dit") for size in ("s", "b", "l", "xl")]
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    return write_tiny_vae(tmp_path_factory.mktemp("vae"))
-
-
-@pytest.fixture(scope="module")
-def latent_dir(tmp_path_factory, vae_dir):
-    out = str(tmp_path_factory.mktemp("latents"))
-    encode.run(encode_config(vae_dir), out)
-    return out
+@pytest.fixture
+def latent_dir(encoded):
+    """The session's encoded latents (tests/conftest.py), shared with test_encode.py."""
+    return encoded
 
 
 def latent_config(vae_path: str, latent_dir: str | None = None):
