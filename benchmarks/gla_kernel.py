@@ -44,12 +44,11 @@ SEQ_LENS = (256, 1024, 4096, 16384)
 SWEEP_SHAPES = [("S", 6, 262_144, 256), ("S", 6, 262_144, 16384), ("XL", 18, 131_072, 16384)]
 _START = time.time()
 SWEEP_CONFIGS = {
-    "v64": TritonConfig(value_block=64),
     "v32": TritonConfig(value_block=32),
     "v16": TritonConfig(value_block=16),
     "grad8w": TritonConfig(chunk_grad_warps=8),
-    "fwd3st": TritonConfig(forward_stages=3),
-    "fwd8w": TritonConfig(forward_warps=8),
+    "fwd2st": TritonConfig(forward_stages=2, state_grad_stages=2),
+    "fwd8w": TritonConfig(forward_warps=8, state_grad_warps=8),
 }
 
 
@@ -235,10 +234,11 @@ def check(out_dir, impls, fla):
     return rows
 
 
-def bench(out_dir, impls, fla, deadline):
-    """Times the JAX `impls` (name -> impl), then fla, at every anchor shape. After `deadline` only "pallas"
-    is still measured."""
-    shapes = [(model, heads, tokens // seq_len, seq_len) for model, heads, tokens in ANCHORS for seq_len in SEQ_LENS]
+def bench(out_dir, impls, fla, deadline, models, seq_lens):
+    """Times the JAX `impls` (name -> impl), then fla, at the anchor shapes of `models` and `seq_lens`. After
+    `deadline` only "pallas" is still measured."""
+    shapes = [(model, heads, tokens // seq_len, seq_len) for model, heads, tokens in ANCHORS if model in models
+              for seq_len in seq_lens]
     rows = []
     for model, heads, batch, seq_len in shapes:
         fwd_floor, fwd_bwd_floor = floors_ms(batch, seq_len, heads)
@@ -326,6 +326,8 @@ def main():
     parser.add_argument("--sections", default="check,bench,sweep")
     parser.add_argument("--impls", default="pallas,fla,xla", help="what check and bench compare")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--models", default="S,XL", help="bench: anchor models (S, XL)")
+    parser.add_argument("--seq_lens", default=",".join(map(str, SEQ_LENS)), help="bench: sequence lengths")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="after this many seconds, skip the optional measurements still to come")
     args = parser.parse_args()
@@ -343,7 +345,8 @@ def main():
           f"{BANDWIDTH / 1e12:.1f} TB/s)", flush=True)
     check_rows = check(args.out, impls, fla) if "check" in sections else []
     # The sweep gets what is left of the budget once pallas, fla and xla have been timed (or the budget is spent).
-    bench_rows = bench(args.out, impls, fla, start + args.budget_s) if "bench" in sections else []
+    bench_rows = (bench(args.out, impls, fla, start + args.budget_s, args.models.split(","),
+                        [int(t) for t in args.seq_lens.split(",")]) if "bench" in sections else [])
     sweep_rows = sweep(args.out, start + args.budget_s) if "sweep" in sections else []
     report = markdown_tables(check_rows, bench_rows, sweep_rows)
     with open(os.path.join(args.out, "gla_kernel.md"), "w") as f:

@@ -53,20 +53,20 @@ from jax.experimental.pallas import triton as plgpu
 CHUNK = 64
 FACTORISED_GATE_LIMIT = 60.0
 _MIN_DOT_DIM = 16
-# Sequential kernels aim for at least this many programs (an H100 has 132 SMs) before splitting V further.
-_TARGET_SEQUENTIAL_PROGRAMS = 264
+_LOG2_E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
-    """Launch parameters. value_block: V columns per program of the two sequential kernels (None: pick from the
-    grid size); num_warps / num_stages: Triton's, per kernel."""
+    """Launch parameters. value_block: V columns per program of the two sequential kernels (None: all of V;
+    splitting V to fill the GPU at long T measured slower on an H100, see docs/gla_kernels.md); num_warps /
+    num_stages: Triton's, per kernel."""
 
     value_block: int | None = None
     forward_warps: int = 4
-    forward_stages: int = 2
+    forward_stages: int = 3
     state_grad_warps: int = 4
-    state_grad_stages: int = 2
+    state_grad_stages: int = 3
     chunk_grad_warps: int = 4
     chunk_grad_stages: int = 1
 
@@ -82,6 +82,8 @@ class _Plan:
     value_block: int
     dot_dtype: jnp.dtype
     state_dtype: jnp.dtype
+    bf16_gates: bool
+    guarded: bool  # see `_intra_chunk`
     config: TritonConfig
     interpret: bool
 
@@ -101,12 +103,9 @@ def _dot(a, b, dot_dtype, *, transpose_a=False, transpose_b=False):
                            preferred_element_type=jnp.float32)
 
 
-def _scan_cumsum(x, reverse):
-    """Inclusive cumsum over rows in scan order: top-down, or bottom-up when reverse."""
-    prefix = jnp.cumsum(x, axis=0)
-    if not reverse:
-        return prefix
-    return jnp.sum(x, axis=0)[None, :] - prefix + x
+def _exp(x):
+    """e^x as 2^(x log2 e): one hardware exp2 instead of libdevice's longer expf."""
+    return jnp.exp2(x * _LOG2_E)
 
 
 def _causal_mask(reverse, *, strict=False):
@@ -118,8 +117,19 @@ def _causal_mask(reverse, *, strict=False):
     return rows <= cols if reverse else rows >= cols
 
 
-def _max_abs(x):
-    return jnp.max(jnp.max(jnp.abs(x), axis=1), axis=0)
+def _masked_row_sums(mask, x, *, exact_in_bf16):
+    """mask @ x for a [CHUNK, CHUNK] 0/1 mask (cumsums over rows), on the tensor cores.
+
+    Triton's scan along the row axis of a tile is slow; a matmul with a triangle of ones is not. Operands are bf16
+    with float32 accumulation: exact for bf16 x; a float32 x is split into two bf16 parts, x = hi + lo, which
+    keeps 16 of its 24 mantissa bits (relative error ~2^-17 per term).
+    """
+    ones = mask.astype(jnp.bfloat16)
+    hi = x.astype(jnp.bfloat16)
+    sums = _dot(ones, hi, jnp.bfloat16)
+    if not exact_in_bf16:
+        sums += _dot(ones, x - hi.astype(jnp.float32), jnp.bfloat16)
+    return sums
 
 
 def _column(x, index):
@@ -128,57 +138,74 @@ def _column(x, index):
     return jnp.sum(jnp.where(cols == index, x, 0.0), axis=1)
 
 
-def _intra_chunk(q, k, gates, d_scores, causal, dot_dtype):
-    """Intra-chunk scores A (masked to causal) and, given dL/dA, the intra-chunk parts of dL/dq and dL/dk.
+def _factorised_intra_chunk(q, k, gates, d_scores, causal, dot_dtype):
+    """Intra-chunk scores A (masked to causal) and, given dL/dA, the intra-chunk parts of dL/dq and dL/dk, from
+    A = (q e^G)(k e^-G)^T. Only for chunks with max |G| <= FACTORISED_GATE_LIMIT (no overflow).
 
     q, k, gates: [CHUNK, K] float32 (gates = G); d_scores: [CHUNK, CHUNK] float32 already masked, or None in the
-    forward pass. Returns (A, dq, dk) with dq = dk = None when d_scores is None.
+    forward pass. Returns (A, dq, dk), dq = dk = None when d_scores is None.
     """
+    growth, decay = _exp(gates), _exp(-gates)
+    q_gated, k_gated = q * growth, k * decay
+    scores = jnp.where(causal, _dot(q_gated, k_gated, dot_dtype, transpose_b=True), 0.0)
+    if d_scores is None:
+        return scores, None, None
+    dq = growth * _dot(d_scores, k_gated, dot_dtype)
+    dk = decay * _dot(d_scores, q_gated, dot_dtype, transpose_a=True)
+    return scores, dq, dk
+
+
+def _exact_intra_chunk(q, k, gates, d_scores, causal, num_channels):
+    """What `_factorised_intra_chunk` returns, for any gates: a loop over the first num_channels key channels (all
+    K of them, or 0 to skip the work) that exponentiates each difference G_ik - G_jk (<= 0 where causal)
+    directly. Slower; only for chunks with strong gates."""
     with_grads = d_scores is not None
+    cols = lax.broadcasted_iota(jnp.int32, q.shape, 1)
 
-    def factorised():
-        q_gated = q * jnp.exp(gates)
-        k_gated = k * jnp.exp(-gates)
-        scores = jnp.where(causal, _dot(q_gated, k_gated, dot_dtype, transpose_b=True), 0.0)
+    def add_channel(channel, carry):
+        q_c, k_c, g_c = _column(q, channel), _column(k, channel), _column(gates, channel)
+        decay = _exp(jnp.where(causal, g_c[:, None] - g_c[None, :], -jnp.inf))  # e^(G_i - G_j), j <= i
+        carry = (carry[0] + q_c[:, None] * k_c[None, :] * decay,) + carry[1:]
         if not with_grads:
-            return (scores,)
-        dq = jnp.exp(gates) * _dot(d_scores, k_gated, dot_dtype)
-        dk = jnp.exp(-gates) * _dot(d_scores, q_gated, dot_dtype, transpose_a=True)
-        return scores, dq, dk
+            return carry
+        weighted = d_scores * decay
+        dq_c = jnp.sum(weighted * k_c[None, :], axis=1)
+        dk_c = jnp.sum(weighted * q_c[:, None], axis=0)
+        return (carry[0],
+                carry[1] + jnp.where(cols == channel, dq_c[:, None], 0.0),
+                carry[2] + jnp.where(cols == channel, dk_c[:, None], 0.0))
 
-    def per_key_channel(num_channels):
-        cols = lax.broadcasted_iota(jnp.int32, q.shape, 1)
-
-        def add_channel(channel, carry):
-            q_c, k_c, g_c = _column(q, channel), _column(k, channel), _column(gates, channel)
-            decay = jnp.exp(jnp.where(causal, g_c[:, None] - g_c[None, :], -jnp.inf))  # e^(G_i - G_j), j <= i
-            carry = (carry[0] + q_c[:, None] * k_c[None, :] * decay,) + carry[1:]
-            if not with_grads:
-                return carry
-            weighted = d_scores * decay
-            dq_c = jnp.sum(weighted * k_c[None, :], axis=1)
-            dk_c = jnp.sum(weighted * q_c[:, None], axis=0)
-            return (carry[0],
-                    carry[1] + jnp.where(cols == channel, dq_c[:, None], 0.0),
-                    carry[2] + jnp.where(cols == channel, dk_c[:, None], 0.0))
-
-        zeros = (jnp.zeros((CHUNK, CHUNK), jnp.float32),)
-        if with_grads:
-            zeros += (jnp.zeros_like(q), jnp.zeros_like(k))
-        return lax.fori_loop(0, num_channels, add_channel, zeros)
-
-    # No lax.cond (see the module docstring): the exact loop runs zero times in ordinary chunks; where a chunk's
-    # gates are too strong, the select discards the factorised results (possibly inf).
-    strong = _max_abs(gates) > FACTORISED_GATE_LIMIT
-    exact = per_key_channel(strong.astype(jnp.int32) * q.shape[1])  # (a scalar jnp.where lowers wrongly)
-    results = tuple(jnp.where(strong, e, f) for e, f in zip(exact, factorised()))
+    zeros = (jnp.zeros((CHUNK, CHUNK), jnp.float32),)
+    if with_grads:
+        zeros += (jnp.zeros_like(q), jnp.zeros_like(k))
+    results = lax.fori_loop(0, num_channels, add_channel, zeros)
     return results if with_grads else (results[0], None, None)
+
+
+def _intra_chunk(q, k, gates, d_scores, causal, dot_dtype, guarded):
+    """(A, dq, dk) as in `_factorised_intra_chunk`; guarded: right for any gates (see the module docstring).
+
+    Guarded, the exact loop runs K times in chunks beyond FACTORISED_GATE_LIMIT and zero times in others, and a
+    select keeps the exact results where it ran. No lax.cond: an scf.if yielding tensors failed to compile on an
+    H100 ("operand does not dominate this use"), and one holding each path's stores miscompiled (wrong dv).
+    """
+    factorised = _factorised_intra_chunk(q, k, gates, d_scores, causal, dot_dtype)
+    if not guarded:
+        return factorised
+    strong = _gate_strength(gates) > FACTORISED_GATE_LIMIT
+    exact = _exact_intra_chunk(q, k, gates, d_scores, causal, strong.astype(jnp.int32) * q.shape[1])
+    return tuple(None if f is None else jnp.where(strong, e, f) for e, f in zip(exact, factorised))
+
+
+def _gate_strength(gates):
+    """max |G| of a chunk: the factorised scores are exact while it is <= FACTORISED_GATE_LIMIT."""
+    return jnp.max(jnp.max(jnp.abs(gates), axis=1), axis=0)
 
 
 def _next_state(state, k, v, gates, total, dot_dtype):
     """State leaving the chunk: diag(e^G_last) h + (k e^(G_last - G))^T v."""
-    k_to_end = k * jnp.exp(total[None, :] - gates)
-    return jnp.exp(total)[:, None] * state + _dot(k_to_end, v, dot_dtype, transpose_a=True)
+    k_to_end = k * _exp(total[None, :] - gates)
+    return _exp(total)[:, None] * state + _dot(k_to_end, v, dot_dtype, transpose_a=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,11 +224,12 @@ def _valid_rows(chunk, plan):
     return chunk * CHUNK + lax.broadcasted_iota(jnp.int32, (CHUNK,), 0) < plan.seq_len
 
 
-def _load(ref, chunk, valid):
-    """Rows of `chunk` from a [T, D] block as float32; rows past the sequence end read as zero."""
+def _load(ref, chunk, valid, dtype=jnp.float32):
+    """Rows of `chunk` from a [T, D] block as `dtype`; rows past the sequence end read as zero. Tiles that only
+    feed matmuls are loaded as the matmul operand dtype: a float32 copy would only take registers."""
     view = ref.at[pl.ds(chunk * CHUNK, CHUNK), :]
     tile = view[...] if valid is None else plgpu.load(view, mask=valid[:, None], other=0)
-    return tile.astype(jnp.float32)
+    return tile.astype(dtype)
 
 
 def _store(ref, chunk, valid, tile):
@@ -216,7 +244,7 @@ def _store(ref, chunk, valid, tile):
 def _gates(g_ref, chunk, valid, plan):
     """(G [CHUNK, K], G_last [K]) of a chunk."""
     g = _load(g_ref, chunk, valid)
-    return _scan_cumsum(g, plan.reverse), jnp.sum(g, axis=0)
+    return _masked_row_sums(_causal_mask(plan.reverse), g, exact_in_bf16=plan.bf16_gates), jnp.sum(g, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,25 +254,34 @@ def _gates(g_ref, chunk, valid, plan):
 def _forward_kernel(q_ref, k_ref, v_ref, g_ref, *refs, plan):
     refs = list(refs)
     initial_ref = refs.pop(0) if plan.has_initial_state else None
-    o_ref, final_ref, *states_ref = refs
+    o_ref, final_ref, *refs = refs
+    strength_ref = None if plan.guarded else refs.pop(0)
+    states_ref = refs[0] if refs else None
     causal = _causal_mask(plan.reverse)
 
-    def step_fn(step, state):
+    def step_fn(step, carry):
+        state, strength = carry
         chunk = _chunk_of_step(step, plan)
         valid = _valid_rows(chunk, plan)
-        if states_ref:
-            states_ref[0][step] = state.astype(states_ref[0].dtype)
-        q, k, v = (_load(ref, chunk, valid) for ref in (q_ref, k_ref, v_ref))
+        if states_ref is not None:
+            states_ref[step] = state.astype(states_ref.dtype)
+        q, k = _load(q_ref, chunk, valid), _load(k_ref, chunk, valid)
+        v = _load(v_ref, chunk, valid, plan.dot_dtype)
         gates, total = _gates(g_ref, chunk, valid, plan)
-        scores, _, _ = _intra_chunk(q, k, gates, None, causal, plan.dot_dtype)
-        o = _dot(q * jnp.exp(gates), state, plan.dot_dtype) + _dot(scores, v, plan.dot_dtype)
+        scores, _, _ = _intra_chunk(q, k, gates, None, causal, plan.dot_dtype, plan.guarded)
+        o = _dot(q * _exp(gates), state, plan.dot_dtype) + _dot(scores, v, plan.dot_dtype)
         _store(o_ref, chunk, valid, plan.scale * o)
-        return _next_state(state, k, v, gates, total, plan.dot_dtype)
+        if strength_ref is not None:  # elementwise here, reduced once after the loop
+            strength = jnp.maximum(strength, jnp.abs(gates))
+        return _next_state(state, k, v, gates, total, plan.dot_dtype), strength
 
     state = (initial_ref[...].astype(jnp.float32) if plan.has_initial_state
              else jnp.zeros(final_ref.shape, jnp.float32))
-    state = lax.fori_loop(0, plan.num_chunks, step_fn, state)
+    strength = jnp.zeros((CHUNK, q_ref.shape[-1]), jnp.float32)
+    state, strength = lax.fori_loop(0, plan.num_chunks, step_fn, (state, strength))
     final_ref[...] = state
+    if strength_ref is not None:
+        strength_ref[...] = _gate_strength(strength)
 
 
 def _state_grad_kernel(q_ref, g_ref, do_ref, d_final_ref, d_states_ref, *d_initial_ref, plan):
@@ -253,10 +290,10 @@ def _state_grad_kernel(q_ref, g_ref, do_ref, d_final_ref, d_states_ref, *d_initi
         chunk = _chunk_of_step(step, plan)
         valid = _valid_rows(chunk, plan)
         d_states_ref[step] = d_state.astype(d_states_ref.dtype)
-        q, do = _load(q_ref, chunk, valid), _load(do_ref, chunk, valid)
+        q, do = _load(q_ref, chunk, valid), _load(do_ref, chunk, valid, plan.dot_dtype)
         gates, total = _gates(g_ref, chunk, valid, plan)
-        from_outputs = plan.scale * _dot(q * jnp.exp(gates), do, plan.dot_dtype, transpose_a=True)
-        return jnp.exp(total)[:, None] * d_state + from_outputs
+        from_outputs = plan.scale * _dot(q * _exp(gates), do, plan.dot_dtype, transpose_a=True)
+        return _exp(total)[:, None] * d_state + from_outputs
 
     d_state = lax.fori_loop(0, plan.num_chunks, step_fn, d_final_ref[...].astype(jnp.float32))
     if d_initial_ref:
@@ -264,36 +301,59 @@ def _state_grad_kernel(q_ref, g_ref, do_ref, d_final_ref, d_states_ref, *d_initi
 
 
 def _chunk_grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, d_states_ref,
-                       dq_ref, dk_ref, dv_ref, dg_ref, *, plan):
-    chunk = pl.program_id(2)
+                       dq_ref, dk_ref, dv_ref, dg_ref, *, plan, chunk=None):
+    chunk = pl.program_id(2) if chunk is None else chunk  # given by the fix-up kernel, which loops over chunks
     step = _chunk_of_step(chunk, plan)  # the map is its own inverse
     valid = _valid_rows(chunk, plan)
-    q, k, v, do = (_load(ref, chunk, valid) for ref in (q_ref, k_ref, v_ref, do_ref))
+    # Ordered so that tiles die early (fewer live registers): dv first, then dk, dq, dg.
     gates, total = _gates(g_ref, chunk, valid, plan)
-    state = states_ref[step].astype(jnp.float32)
+    q, k = _load(q_ref, chunk, valid), _load(k_ref, chunk, valid)
+    v, do = _load(v_ref, chunk, valid, plan.dot_dtype), _load(do_ref, chunk, valid, plan.dot_dtype)
     d_next_state = d_states_ref[step].astype(jnp.float32)
-    causal = _causal_mask(plan.reverse)
     dot = functools.partial(_dot, dot_dtype=plan.dot_dtype)
 
-    # dL/dA on the diagonal (query row = key row, gate factor exactly 1) is applied directly below; the
-    # intra-chunk kernels see only the strictly causal part.
+    # dL/dA: its diagonal (query row = key row, gate factor exactly 1) is applied directly below; the intra-chunk
+    # paths see only the strictly causal part.
     d_scores = plan.scale * dot(do, v, transpose_b=True)
     eye = lax.broadcasted_iota(jnp.int32, d_scores.shape, 0) == lax.broadcasted_iota(jnp.int32, d_scores.shape, 1)
     d_diagonal = jnp.sum(jnp.where(eye, d_scores, 0.0), axis=1)[:, None]
     d_scores = jnp.where(_causal_mask(plan.reverse, strict=True), d_scores, 0.0)
-    scores, dq_intra, dk_intra = _intra_chunk(q, k, gates, d_scores, causal, plan.dot_dtype)
-    k_to_end = jnp.exp(total[None, :] - gates)
-    dq_from_state = plan.scale * jnp.exp(gates) * dot(do, state, transpose_b=True)
+    scores, dq_intra, dk_intra = _intra_chunk(q, k, gates, d_scores, _causal_mask(plan.reverse), plan.dot_dtype,
+                                              plan.guarded)
+    k_to_end = _exp(total[None, :] - gates)
+    _store(dv_ref, chunk, valid, plan.scale * dot(scores, do, transpose_a=True) + dot(k * k_to_end, d_next_state))
     dk_to_next_state = k_to_end * dot(v, d_next_state, transpose_b=True)
-    dq = dq_from_state + dq_intra + d_diagonal * k
     dk = dk_intra + dk_to_next_state + d_diagonal * q
-    dv = plan.scale * dot(scores, do, transpose_a=True) + dot(k * k_to_end, d_next_state)
-    dg = _gate_grad(q, k, dq_from_state + dq_intra, dk_intra, dk_to_next_state, state, d_next_state, total, plan)
-    for ref, tile in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv), (dg_ref, dg)):
-        _store(ref, chunk, valid, tile)
+    _store(dk_ref, chunk, valid, dk)
+    state = states_ref[step].astype(jnp.float32)
+    dq_open = plan.scale * _exp(gates) * dot(do, state, transpose_b=True) + dq_intra
+    _store(dq_ref, chunk, valid, dq_open + d_diagonal * k)
+    state_to_next = _exp(total) * jnp.sum(state * d_next_state, axis=1)
+    _store(dg_ref, chunk, valid,
+           _gate_grad(q * dq_open - k * dk_intra, k * dk_to_next_state, state_to_next, plan))
 
 
-def _gate_grad(q, k, dq_open, dk_intra, dk_to_next_state, state, d_next_state, total, plan):
+def _only_if_strong(kernel, num_outputs, repeats=1, index_name=None):
+    """A fix-up kernel: runs `kernel` (a guarded one) `repeats` times where the sequence has a chunk beyond
+    FACTORISED_GATE_LIMIT (strength ref, the first argument: the forward's max |G| of each V block of this (batch,
+    head)), passing the repetition as keyword `index_name` if given, and does nothing otherwise. Its refs are the
+    strength, kernel's inputs, the previous contents of its num_outputs outputs (aliased to them, so programs that do
+    nothing keep the unguarded kernel's results), and the outputs. A loop, not an scf.if: see `_intra_chunk`."""
+
+    def fix_up(strength_ref, *refs, plan):
+        inputs, outputs = refs[:-2 * num_outputs], refs[-num_outputs:]
+        strong = jnp.max(strength_ref[...]) > FACTORISED_GATE_LIMIT
+
+        def run(index, carry):
+            kernel(*inputs, *outputs, plan=plan, **({index_name: index} if index_name else {}))
+            return carry
+
+        lax.fori_loop(0, strong.astype(jnp.int32) * repeats, run, 0)
+
+    return fix_up
+
+
+def _gate_grad(in_chunk_terms, to_next_state_terms, state_to_next, plan):
     """dL/dg of a chunk, summed so that no large terms cancel.
 
     dL/dg_t = sum over every (key s, query u) interaction that crosses t in scan order (s < t <= u). Grouped by
@@ -302,11 +362,13 @@ def _gate_grad(q, k, dq_open, dk_intra, dk_to_next_state, state, d_next_state, t
     s in the chunk and u after it (exclusive prefix sum of k*dk towards the next state), and s before and u after
     the chunk (rowsum(e^G_last h * dL/dh_next)). Summing q*dq - k*dk over whole rows instead would subtract
     O(1) terms to get a small dg when gates are strong, and amplify rounding (bf16 states, TF32 dots) ~100x.
+
+    in_chunk_terms: q*dq_open - k*dk_intra; to_next_state_terms: k*dk_to_next_state (both [CHUNK, K]);
+    state_to_next: [K].
     """
-    in_chunk = _scan_cumsum(q * dq_open - k * dk_intra, not plan.reverse)
-    k_to_next = k * dk_to_next_state
-    to_next_state = _scan_cumsum(k_to_next, plan.reverse) - k_to_next
-    state_to_next = jnp.exp(total) * jnp.sum(state * d_next_state, axis=1)
+    in_chunk = _masked_row_sums(_causal_mask(not plan.reverse), in_chunk_terms, exact_in_bf16=False)
+    to_next_state = _masked_row_sums(_causal_mask(plan.reverse, strict=True), to_next_state_terms,
+                                     exact_in_bf16=False)
     return in_chunk + to_next_state + state_to_next[None, :]
 
 
@@ -318,26 +380,38 @@ def _compiler_params(num_warps, num_stages):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def _sequential_specs(key_dim, seq_len, block):
+    """BlockSpecs of the sequential kernels (grid (B, H, V blocks)): [T, K] rows, [T, Vblk] rows, a [K, Vblk]
+    state, and the [N, K, Vblk] per-chunk states."""
+    return (pl.BlockSpec((None, seq_len, None, key_dim), lambda b, h, j: (b, 0, h, 0)),
+            pl.BlockSpec((None, seq_len, None, block), lambda b, h, j: (b, 0, h, j)),
+            pl.BlockSpec((None, None, key_dim, block), lambda b, h, j: (b, h, 0, j)),
+            pl.BlockSpec((None, None, pl.cdiv(seq_len, CHUNK), key_dim, block), lambda b, h, j: (b, h, 0, 0, j)))
+
+
+def _strength_spec(value_blocks):
+    """The forward's max |G| per (batch, head, V block), read whole per (batch, head) by the fix-up kernels."""
+    return pl.BlockSpec((None, None, value_blocks), lambda b, h, *_: (b, h, 0))
+
+
 def _forward_call(q, k, v, g, initial_state, plan, with_states):
+    """Unguarded forward: (o, final_state, strength [B, H, V blocks] (max |G| seen), states if with_states)."""
     batch, seq_len, heads, key_dim = q.shape
     value_dim, block = v.shape[-1], plan.value_block
     grid = (batch, heads, value_dim // block)
-    key_spec = pl.BlockSpec((None, seq_len, None, key_dim), lambda b, h, j: (b, 0, h, 0))
-    value_spec = pl.BlockSpec((None, seq_len, None, block), lambda b, h, j: (b, 0, h, j))
-    state_spec = pl.BlockSpec((None, None, key_dim, block), lambda b, h, j: (b, h, 0, j))
-    in_specs = [key_spec, key_spec, value_spec, key_spec]
-    inputs = [q, k, v, g]
+    key_spec, value_spec, state_spec, states_spec = _sequential_specs(key_dim, seq_len, block)
+    in_specs, inputs = [key_spec, key_spec, value_spec, key_spec], [q, k, v, g]
     if plan.has_initial_state:
         in_specs.append(state_spec)
         inputs.append(initial_state)
     out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)]
-    out_specs = [value_spec, state_spec]
+                 jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
+                 jax.ShapeDtypeStruct(grid, jnp.float32)]
+    out_specs = [value_spec, state_spec, pl.BlockSpec((None, None, None), lambda b, h, j: (b, h, j))]
     if with_states:
         out_shape.append(jax.ShapeDtypeStruct((batch, heads, plan.num_chunks, key_dim, value_dim),
                                               plan.state_dtype))
-        out_specs.append(pl.BlockSpec((None, None, plan.num_chunks, key_dim, block),
-                                      lambda b, h, j: (b, h, 0, 0, j)))
+        out_specs.append(states_spec)
     return pl.pallas_call(
         functools.partial(_forward_kernel, plan=plan), grid=grid, in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, interpret=plan.interpret, name="gla_forward",
@@ -345,14 +419,34 @@ def _forward_call(q, k, v, g, initial_state, plan, with_states):
     )(*inputs)
 
 
+def _fix_up_forward_call(strength, q, k, v, g, initial_state, o, final_state, plan):
+    """o and final_state, recomputed by the guarded forward for the (batch, head) pairs whose strength
+    [B, H, V blocks] (from `_forward_call`) exceeds FACTORISED_GATE_LIMIT."""
+    batch, seq_len, heads, key_dim = q.shape
+    block = plan.value_block
+    key_spec, value_spec, state_spec, _ = _sequential_specs(key_dim, seq_len, block)
+    in_specs = [_strength_spec(strength.shape[-1]), key_spec, key_spec, value_spec, key_spec]
+    inputs = [strength, q, k, v, g]
+    if plan.has_initial_state:
+        in_specs.append(state_spec)
+        inputs.append(initial_state)
+    aliased = len(inputs)
+    return pl.pallas_call(
+        functools.partial(_only_if_strong(_forward_kernel, 2), plan=dataclasses.replace(plan, guarded=True)),
+        grid=(batch, heads, v.shape[-1] // block), in_specs=in_specs + [value_spec, state_spec],
+        out_specs=[value_spec, state_spec],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (o, final_state)],
+        input_output_aliases={aliased: 0, aliased + 1: 1}, interpret=plan.interpret, name="gla_forward_fix_up",
+        compiler_params=_compiler_params(plan.config.forward_warps, plan.config.forward_stages),
+    )(*inputs, o, final_state)
+
+
 def _state_grad_call(q, g, do, d_final, plan):
     batch, seq_len, heads, key_dim = q.shape
     value_dim, block = do.shape[-1], plan.value_block
-    key_spec = pl.BlockSpec((None, seq_len, None, key_dim), lambda b, h, j: (b, 0, h, 0))
-    value_spec = pl.BlockSpec((None, seq_len, None, block), lambda b, h, j: (b, 0, h, j))
-    state_spec = pl.BlockSpec((None, None, key_dim, block), lambda b, h, j: (b, h, 0, j))
+    key_spec, value_spec, state_spec, states_spec = _sequential_specs(key_dim, seq_len, block)
     out_shape = [jax.ShapeDtypeStruct((batch, heads, plan.num_chunks, key_dim, value_dim), plan.state_dtype)]
-    out_specs = [pl.BlockSpec((None, None, plan.num_chunks, key_dim, block), lambda b, h, j: (b, h, 0, 0, j))]
+    out_specs = [states_spec]
     if plan.has_initial_state:
         out_shape.append(jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32))
         out_specs.append(state_spec)
@@ -364,42 +458,70 @@ def _state_grad_call(q, g, do, d_final, plan):
     )(q, g, do, d_final)
 
 
-def _chunk_grad_call(q, k, v, g, do, states, d_states, plan):
+def _chunk_grad_call(q, k, v, g, do, states, d_states, plan, fix_up=None):
+    """(dq, dk, dv, dg) by the unguarded kernel, grid (B, H, chunks); or, with fix_up = (strength, previous
+    (dq, dk, dv, dg)), recomputed by the guarded kernel for the flagged (batch, head) pairs, grid (B, H), each
+    program walking its chunks (the others end at once)."""
     batch, seq_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    key_spec = pl.BlockSpec((None, seq_len, None, key_dim), lambda b, h, c: (b, 0, h, 0))
-    value_spec = pl.BlockSpec((None, seq_len, None, value_dim), lambda b, h, c: (b, 0, h, 0))
-    states_spec = pl.BlockSpec((None, None, plan.num_chunks, key_dim, value_dim), lambda b, h, c: (b, h, 0, 0, 0))
+    key_spec = pl.BlockSpec((None, seq_len, None, key_dim), lambda b, h, *_: (b, 0, h, 0))
+    value_spec = pl.BlockSpec((None, seq_len, None, value_dim), lambda b, h, *_: (b, 0, h, 0))
+    states_spec = pl.BlockSpec((None, None, plan.num_chunks, key_dim, value_dim), lambda b, h, *_: (b, h, 0, 0, 0))
+    in_specs = [key_spec, key_spec, value_spec, key_spec, value_spec, states_spec, states_spec]
+    inputs = [q, k, v, g, do, states, d_states]
+    out_specs = [key_spec, key_spec, value_spec, key_spec]
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g)]
+    kernel, grid, aliases, name = _chunk_grad_kernel, (batch, heads, plan.num_chunks), {}, "gla_chunk_grad"
+    if fix_up is not None:
+        strength, previous = fix_up
+        in_specs = [_strength_spec(strength.shape[-1])] + in_specs + out_specs
+        aliases = {len(inputs) + 1 + i: i for i in range(4)}
+        inputs = [strength] + inputs + list(previous)
+        kernel = _only_if_strong(kernel, 4, repeats=plan.num_chunks, index_name="chunk")
+        grid, plan, name = (batch, heads), dataclasses.replace(plan, guarded=True), name + "_fix_up"
     return pl.pallas_call(
-        functools.partial(_chunk_grad_kernel, plan=plan), grid=(batch, heads, plan.num_chunks),
-        in_specs=[key_spec, key_spec, value_spec, key_spec, value_spec, states_spec, states_spec],
-        out_specs=[key_spec, key_spec, value_spec, key_spec], out_shape=out_shape,
-        interpret=plan.interpret, name="gla_chunk_grad",
+        functools.partial(kernel, plan=plan), grid=grid, in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, input_output_aliases=aliases, interpret=plan.interpret, name=name,
         compiler_params=_compiler_params(plan.config.chunk_grad_warps, plan.config.chunk_grad_stages),
-    )(q, k, v, g, do, states, d_states)
+    )(*inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Differentiable op.
 
 
+# The unguarded kernels are fast but only right for chunks with max |G| <= FACTORISED_GATE_LIMIT. Every call
+# also launches the fix-up kernels, which redo the work with the guarded kernels for the (batch, head) pairs that
+# have a stronger chunk and end at once for the others: no lax.cond, whose predicate would be copied to the host
+# and stall the GPU stream on every call. The states and their gradients never involve the intra-chunk scores,
+# so only o and the chunk gradients are redone.
+
+
+def _forward(q, k, v, g, initial_state, plan, with_states):
+    o, final_state, strength, *states = _forward_call(q, k, v, g, initial_state, plan, with_states)
+    o, final_state = _fix_up_forward_call(strength, q, k, v, g, initial_state, o, final_state, plan)
+    return o, final_state, strength, states
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _gla(q, k, v, g, initial_state, plan):
-    o, final_state = _forward_call(q, k, v, g, initial_state, plan, with_states=False)
+    o, final_state, _, _ = _forward(q, k, v, g, initial_state, plan, with_states=False)
     return o, final_state
 
 
 def _gla_forward(q, k, v, g, initial_state, plan):
-    o, final_state, states = _forward_call(q, k, v, g, initial_state, plan, with_states=True)
-    return (o, final_state), (q, k, v, g, states)
+    o, final_state, strength, (states,) = _forward(q, k, v, g, initial_state, plan, with_states=True)
+    return (o, final_state), (q, k, v, g, states, strength)
 
 
 def _gla_backward(plan, residuals, cotangents):
-    q, k, v, g, states = residuals
+    q, k, v, g, states, strength = residuals
     do, d_final = cotangents
-    d_states, *d_initial = _state_grad_call(q, g, do.astype(v.dtype), d_final.astype(jnp.float32), plan)
-    dq, dk, dv, dg = _chunk_grad_call(q, k, v, g, do.astype(v.dtype), states, d_states, plan)
+    do = do.astype(v.dtype)
+    d_states, *d_initial = _state_grad_call(q, g, do, d_final.astype(jnp.float32), plan)
+    inputs = (q, k, v, g, do, states, d_states)
+    grads = _chunk_grad_call(*inputs, plan)
+    dq, dk, dv, dg = _chunk_grad_call(*inputs, plan, fix_up=(strength, grads))
     return dq, dk, dv, dg, (d_initial[0] if plan.has_initial_state else None)
 
 
@@ -408,14 +530,6 @@ _gla.defvjp(_gla_forward, _gla_backward)
 
 def _is_dot_dim(n):
     return n >= _MIN_DOT_DIM and n & (n - 1) == 0
-
-
-def _pick_value_block(batch, heads, value_dim):
-    """Largest V block (>= 16) that gives the sequential kernels enough programs to fill the GPU."""
-    block = value_dim
-    while block > _MIN_DOT_DIM and batch * heads * (value_dim // block) < _TARGET_SEQUENTIAL_PROGRAMS:
-        block //= 2
-    return block
 
 
 def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, config=None):
@@ -441,7 +555,7 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
             raise ValueError(f"impl='pallas' on GPU needs {name} to be a power of two >= {_MIN_DOT_DIM}, got {dim}; "
                              "use impl='xla' for other head sizes")
     config = config or TritonConfig()
-    value_block = config.value_block or _pick_value_block(batch, heads, value_dim)
+    value_block = config.value_block or value_dim
     if not (_is_dot_dim(value_block) and value_dim % value_block == 0):
         raise ValueError(f"config.value_block must be a power of two >= {_MIN_DOT_DIM} dividing V={value_dim}, "
                          f"got {value_block}")
@@ -452,6 +566,7 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
         # bf16 keeps float32's exponent range, which the factorised scores need; f16 would overflow at e^11.
         dot_dtype=jnp.dtype(jnp.bfloat16) if q.dtype == jnp.bfloat16 else jnp.dtype(jnp.float32),
         state_dtype=jnp.dtype(jnp.bfloat16) if sixteen_bit else jnp.dtype(jnp.float32),
+        bf16_gates=g.dtype == jnp.bfloat16, guarded=False,
         config=config, interpret=bool(interpret))
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)

@@ -26,12 +26,15 @@ NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dinitial_state")
 interpreted = functools.partial(gla_triton, interpret=True)
 
 
-def mixed_gate_inputs(seed, batch, seq_len, heads, key_dim, value_dim, *, dtype, with_initial_state):
-    """make_inputs with weak gates in head 0 and strong gates (fla's n = 0.1) in the other heads, so one call runs
-    both the factorised intra-chunk scores and the exact per-channel fallback."""
+def gate_inputs(seed, batch, seq_len, heads, key_dim, value_dim, *, gates, dtype, with_initial_state):
+    """make_inputs with weak gates everywhere (gates="weak": every chunk takes the factorised intra-chunk path),
+    or weak gates in head 0 and strong gates (fla's n = 0.1) in the other heads (gates="mixed": one call takes
+    both the factorised path and the exact per-channel one)."""
     dims = (batch, seq_len, heads, key_dim, value_dim)
     q, k, v, g_weak, initial_state = make_inputs(seed, *dims, gate_strength=WEAK_GATES, dtype=dtype,
                                                  with_initial_state=with_initial_state)
+    if gates == "weak":
+        return q, k, v, g_weak, initial_state
     g_strong = make_inputs(seed + 1, *dims, gate_strength=STRONG_GATES, dtype=dtype)[3]
     g = jnp.concatenate([g_weak[:, :, :1], g_strong[:, :, 1:]], axis=2)
     return q, k, v, g, initial_state
@@ -71,22 +74,27 @@ def assert_matches_reference(actual, inputs, cotangent, reverse, dtype):
     assert all(errors[name] < tolerances[name] for name in errors), (errors, tolerances)
 
 
-# (B, T, H, K, V, reverse, with_initial_state, dtype). T=100 and 130 end in a partial chunk; T=1 is all padding.
+# (B, T, H, K, V, reverse, with_initial_state, dtype, gates). T=100 and 130 end in a partial chunk; T=1 is all
+# padding.
 CASES = [
-    (1, 100, 2, 16, 32, False, True, jnp.float32),
-    (1, 100, 2, 16, 32, True, True, jnp.float32),
-    (1, 130, 2, 16, 32, False, True, jnp.bfloat16),
-    (2, 1, 1, 16, 16, True, False, jnp.float32),
+    (1, 100, 2, 16, 32, False, True, jnp.float32, "mixed"),
+    (1, 100, 2, 16, 32, True, True, jnp.float32, "mixed"),
+    (1, 130, 2, 16, 32, False, True, jnp.bfloat16, "mixed"),
+    (1, 130, 2, 16, 32, True, True, jnp.bfloat16, "weak"),
+    (1, 100, 2, 16, 32, False, False, jnp.float32, "weak"),
+    (2, 1, 1, 16, 16, True, False, jnp.float32, "weak"),
 ]
 
 
-@pytest.mark.parametrize("batch, seq_len, heads, key_dim, value_dim, reverse, with_initial_state, dtype", CASES)
-def test_kernels_match_reference(batch, seq_len, heads, key_dim, value_dim, reverse, with_initial_state, dtype):
+@pytest.mark.parametrize("batch, seq_len, heads, key_dim, value_dim, reverse, with_initial_state, dtype, gates",
+                         CASES)
+def test_kernels_match_reference(batch, seq_len, heads, key_dim, value_dim, reverse, with_initial_state, dtype,
+                                 gates):
     dims = (batch, seq_len, heads, key_dim, value_dim)
-    inputs = mixed_gate_inputs(seq_len, *dims, dtype=dtype, with_initial_state=with_initial_state)
-    if heads > 1:  # the strong-gate heads must really take the fallback path
-        chunk_decay = -np.asarray(inputs[3][:, :CHUNK, 1:], np.float32).sum(axis=1)
-        assert chunk_decay.max() > FACTORISED_GATE_LIMIT
+    inputs = gate_inputs(seq_len, *dims, gates=gates, dtype=dtype, with_initial_state=with_initial_state)
+    chunk_decay = (-np.asarray(inputs[3][:, :CHUNK], np.float32).sum(axis=1)).max()
+    # "mixed" must really have chunks beyond the factorisation's limit, "weak" none
+    assert (chunk_decay > FACTORISED_GATE_LIMIT) == (gates == "mixed")
     cotangent = cotangents(seq_len + 1, *dims, dtype)
     actual = outputs_and_grads(*inputs, *cotangent, impl=interpreted, reverse=reverse)
     o, final_state, dq, dk, dv, dg, dinitial_state = actual
@@ -117,7 +125,9 @@ def test_forward_and_vjp_lower_for_cuda(dtype):
         return jax.vjp(forward, q, k, v, g, initial_state)[1]((o_cotangent, state_cotangent))
 
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    for fn, args, kernels in ((forward, inputs, 1), (vjp, inputs + cotangent, 3)):
+    # forward: the unguarded kernel and its fix-up; vjp (its o is unused, so the forward fix-up is dead code): the
+    # forward, the state-gradient kernel, the chunk-gradient kernel and its fix-up.
+    for fn, args, kernels in ((forward, inputs, 2), (vjp, inputs + cotangent, 4)):
         exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
         assert exported.mlir_module().count("__gpu$xla.gpu.triton") == kernels
 
@@ -128,7 +138,7 @@ def test_sharded_over_batch_and_heads(axis_type):
     unsharded reference, forward and backward."""
     dims = (4, 70, 2, 16, 16)
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
-    inputs = mixed_gate_inputs(3, *dims, dtype=jnp.float32, with_initial_state=True)
+    inputs = gate_inputs(3, *dims, gates="mixed", dtype=jnp.float32, with_initial_state=True)
     cotangent = cotangents(4, *dims, jnp.float32)
     kernel = functools.partial(shard_over_batch_and_heads, functools.partial(interpreted, scale=0.25,
                                                                              reverse=False))
