@@ -11,8 +11,11 @@ CPU check with a tiny model:
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python benchmarks/data_parallel.py \
         --options depth=1,hidden_size=64,num_heads=2 --input_size 8 --batch_per_device 2 --steps 3 --warmup 1
 
-Times: the median over --steps steps, each waited for, after --warmup steps (the first one compiles). Scaling
-efficiency = images/s on N devices / (N x images/s on one device).
+Times, after --warmup steps (the first one compiles), in WINDOWS alternating windows of each mode: "pipelined",
+--steps steps dispatched back to back and waited for once, as the trainer runs them (it only waits for the device
+at log and checkpoint steps), the median over windows; and "synchronous", every step waited for, which adds the
+host's dispatch time to each step, the median over all such steps.
+Scaling efficiency = images/s on N devices / (N x images/s on one device), from the pipelined times.
 """
 
 import argparse
@@ -33,6 +36,8 @@ from dig_jax.diffusion import create_diffusion
 from dig_jax.latents import data_space
 from dig_jax.sharding import batch_sharding, make_mesh, state_shardings, under_mesh
 from dig_jax.train import build_optimizer, init_state, make_train_step
+
+WINDOWS = 3
 
 
 def parse_options(text: str) -> dict:
@@ -56,8 +61,9 @@ def benchmark_config(args):
     return config
 
 
-def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int) -> float:
-    """Median seconds per train step with the batch split over `devices` (a data-parallel mesh)."""
+def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int) -> tuple[float, float]:
+    """(pipelined, synchronous) seconds per train step with the batch split over `devices` (a data-parallel
+    mesh); see the module docstring."""
     mesh = make_mesh(data=len(devices), fsdp=1, devices=devices)
     graphdef, params, rest = nnx.split(model_from_config(config), nnx.Param, ...)
     tx, schedule = build_optimizer(config.optimizer)
@@ -76,16 +82,25 @@ def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int) 
         "image": rng.standard_normal((global_batch, size, size, channels), np.float32),
         "label": rng.integers(0, config.model.num_classes, global_batch).astype(np.int32)}, batch_sharding(mesh))
 
-    seconds = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+    for _ in range(warmup):
         state, metrics = step(state, batch, space.frozen)
+    jax.block_until_ready(metrics["loss"])
+    # The two modes alternate in windows so that slow drifts (clocks, temperature) affect both alike.
+    synchronous, pipelined = [], []
+    for _ in range(WINDOWS):
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, metrics = step(state, batch, space.frozen)
+            jax.block_until_ready(metrics["loss"])
+            synchronous.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, batch, space.frozen)
         jax.block_until_ready(metrics["loss"])
-        if i >= warmup:
-            seconds.append(time.perf_counter() - start)
+        pipelined.append((time.perf_counter() - start) / steps)
     if not np.isfinite(float(metrics["loss"])):
         raise RuntimeError(f"non-finite loss {float(metrics['loss'])} on {len(devices)} device(s)")
-    return statistics.median(seconds)
+    return statistics.median(pipelined), statistics.median(synchronous)
 
 
 def main():
@@ -110,18 +125,20 @@ def main():
           f"jax {jax.__version__}", flush=True)
     rows = []
     for count in sorted({1, len(devices)}):
-        seconds = time_steps(config, devices[:count], args.batch_per_device, args.warmup, args.steps)
+        seconds, synchronous = time_steps(config, devices[:count], args.batch_per_device, args.warmup, args.steps)
         images_per_second = args.batch_per_device * count / seconds
         rows.append({"devices": count, "global_batch": args.batch_per_device * count, "step_ms": 1e3 * seconds,
-                     "images_per_second": images_per_second,
+                     "synchronous_step_ms": 1e3 * synchronous, "images_per_second": images_per_second,
                      "efficiency": images_per_second / (count * rows[0]["images_per_second"]) if rows else 1.0})
-        print(f"measured {count} device(s): {1e3 * seconds:.1f} ms/step", flush=True)
+        print(f"measured {count} device(s): {1e3 * seconds:.2f} ms/step pipelined, {1e3 * synchronous:.2f} "
+              "synchronous", flush=True)
 
-    print(f"\n{'devices':>7} {'global batch':>12} {'ms/step':>9} {'images/s':>10} {'per device':>10} "
+    print(f"\n{'devices':>7} {'global batch':>12} {'ms/step':>9} {'sync ms':>9} {'images/s':>10} {'per device':>10} "
           f"{'efficiency':>10}")
     for r in rows:
-        print(f"{r['devices']:>7} {r['global_batch']:>12} {r['step_ms']:>9.1f} {r['images_per_second']:>10.1f} "
-              f"{r['images_per_second'] / r['devices']:>10.1f} {r['efficiency']:>10.1%}")
+        print(f"{r['devices']:>7} {r['global_batch']:>12} {r['step_ms']:>9.2f} {r['synchronous_step_ms']:>9.2f} "
+              f"{r['images_per_second']:>10.1f} {r['images_per_second'] / r['devices']:>10.1f} "
+              f"{r['efficiency']:>10.1%}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "data_parallel.json"), "w") as f:

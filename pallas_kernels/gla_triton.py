@@ -23,19 +23,28 @@ Three kernels:
   * chunk gradients: grid (B, H, chunks), fully parallel; from the stored h and dL/dh_next of its chunk writes dq,
     dk, dv and dg. dg is summed per chunk from terms that do not cancel (see `_gate_grad`): no running sum over
     the sequence, and no difference of large terms that bf16 states or TF32 dots would spoil.
-The two sequential kernels split V across programs (their work is separable in V) so that long sequences, which
-have few (batch, head) pairs, still fill the GPU; the parallel kernel has B * H * T/CHUNK programs anyway.
+V blocks default to all of V (one program per (batch, head)): splitting V to give long sequences more programs
+measured slower on an H100 (it repeats the key-side work per block). In-chunk cumsums are matmuls with a triangle
+of ones (`_masked_row_sums`): with Triton's scan along the rows of a tile the chunk-gradient kernel was ~25% slower.
 
 Intra-chunk scores, exactly and cheaply
 ---------------------------------------
 The factorisation A = (q e^G)(k e^-G)^T is exact in floating point as long as nothing overflows: every product
 term is one exponent G_i - G_j <= 0 split in two factors, and bf16/f32 keep their relative precision at any
-magnitude. It overflows only when |G| gets large inside one chunk. So each chunk checks max |G|: up to
-`FACTORISED_GATE_LIMIT` (e^60 ~ 1e26, far from the float32/bf16 limit of e^88) the two matmuls are used; beyond it
-(gates that wipe the state within a few tokens) an exact loop over key channels exponentiates each difference
-G_ik - G_jk directly. The loop's trip count is K in such chunks and 0 otherwise, and a select keeps its result:
-a lax.cond here (an scf.if yielding tensors) made Triton fail to compile the kernel on an H100 ("operand does not
-dominate this use"). Both paths are exact; the per-channel one is slower and runs only in those chunks.
+magnitude. It overflows only when |G| gets large inside one chunk: beyond `FACTORISED_GATE_LIMIT` (e^60 ~ 1e26,
+far from the float32/bf16 limit of e^88), i.e. gates that wipe the state within a few tokens. For those chunks an
+exact loop over key channels exponentiates each difference G_ik - G_jk directly (`_exact_intra_chunk`).
+
+The kernels above run unguarded: factorised scores only, so no register is spent on the exact path. The forward
+kernel reports each sequence's max |G|, and two fix-up kernels always follow: the guarded forward and the guarded
+chunk-gradient kernel (both paths, the exact one selected per chunk), aliased to the unguarded outputs, which
+redo the work for the (batch, head) pairs with a strong chunk and end at once for the others. The states and
+their gradients never involve the intra-chunk scores, so they are computed once. Measured alternatives (H100):
+a guarded kernel everywhere cost ~40% more in the chunk-gradient kernel; lax.cond at the JAX level copies its
+predicate to the host and stalls the stream on every call; pl.when branches inside a kernel miscompiled (wrong dv);
+and a lax.cond yielding tiles inside a kernel failed to compile ("operand does not dominate this use"). The
+guarded code therefore uses a loop whose trip count is K or 0 plus a select, and the fix-ups a loop of 0 or N
+trips.
 
 Matmul operands are bf16 for bf16 inputs and float32 otherwise (TF32 on the GPU); accumulation, gates and carried
 states are float32. Triton's `dot` needs every dimension >= 16, hence K and V powers of two >= 16.
