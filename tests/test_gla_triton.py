@@ -104,6 +104,17 @@ def test_kernels_match_reference(batch, seq_len, heads, key_dim, value_dim, reve
     assert_matches_reference(actual, inputs, cotangent, reverse, dtype)
 
 
+def test_value_blocks_and_fix_up_match_reference():
+    """V split over two programs per (batch, head): each reports its own gate strength, and the fix-up kernels
+    read both."""
+    dims = (1, 100, 2, 16, 32)
+    inputs = gate_inputs(5, *dims, gates="mixed", dtype=jnp.float32, with_initial_state=True)
+    cotangent = cotangents(6, *dims, jnp.float32)
+    impl = functools.partial(gla_triton, interpret=True, config=TritonConfig(value_block=16))
+    actual = outputs_and_grads(*inputs, *cotangent, impl=impl, reverse=False)
+    assert_matches_reference(actual, inputs, cotangent, False, jnp.float32)
+
+
 def _shape_structs(batch, seq_len, heads, key_dim, value_dim, dtype):
     sequence = functools.partial(jax.ShapeDtypeStruct, dtype=dtype)
     return (sequence((batch, seq_len, heads, key_dim)), sequence((batch, seq_len, heads, key_dim)),
