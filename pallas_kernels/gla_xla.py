@@ -17,6 +17,8 @@ sub-chunks through the gate G_n at the first row of sub-chunk i,
 and to its own sub-chunk through an element-wise product with exp(G_t - G_s), masked to s <= t before the exp.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -147,9 +149,38 @@ def _diagonal_block_scores(q, k, gate, scale):
     (and its gradient is exactly 0). q, k, gate: [Z, C/S, S, K] f32.
     Returns the blocks placed on the diagonal: [Z, C/S, S, C/S, S] f32.
     """
-    gate_difference = gate[:, :, :, None] - gate[:, :, None, :]  # [Z, C/S, S_t, S_s, K]
-    causal = jnp.tril(jnp.ones((SUB_CHUNK, SUB_CHUNK), bool))[:, :, None]
-    decayed_q = q[:, :, :, None] * jnp.exp(jnp.where(causal, gate_difference, -jnp.inf)) * scale
-    blocks = jnp.einsum("zitsk,zisk->zits", decayed_q, k, precision=jax.lax.Precision.HIGHEST)
+    blocks = _diagonal_blocks(q, k, gate, scale)
     on_diagonal = jnp.eye(_SUBS_PER_CHUNK, dtype=jnp.float32)[:, None, :, None]  # [i, 1, j, 1]
     return blocks[:, :, :, None, :] * on_diagonal
+
+
+def _causal_decay(gate):
+    """exp(G[t, k] - G[s, k]) for s <= t, else 0: [Z, C/S, S_t, S_s, K] from gate [Z, C/S, S, K]."""
+    gate_difference = gate[:, :, :, None] - gate[:, :, None, :]
+    causal = jnp.tril(jnp.ones((SUB_CHUNK, SUB_CHUNK), bool))[:, :, None]
+    return jnp.exp(jnp.where(causal, gate_difference, -jnp.inf))
+
+
+# Hand-written backward: autodiff of the [Z, C/S, S, S, K] element-wise product makes XLA materialise several
+# broadcast and transposed copies of that tensor, the costliest part of this op on CPU at short sequences.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _diagonal_blocks(q, k, gate, scale):
+    """[Z, C/S, S_t, S_s]: scale * sum_k q[t] k[s] exp(G[t] - G[s]), 0 above the diagonal."""
+    return jnp.sum(q[:, :, :, None] * k[:, :, None] * _causal_decay(gate), axis=-1) * scale
+
+
+def _diagonal_blocks_fwd(q, k, gate, scale):
+    return _diagonal_blocks(q, k, gate, scale), (q, k, gate)
+
+
+def _diagonal_blocks_bwd(scale, residuals, d_blocks):
+    # Recomputes the decay (one exp per element) instead of keeping the S x S x K tensor alive until the backward.
+    q, k, gate = residuals
+    weighted_decay = _causal_decay(gate) * (d_blocks * scale)[..., None]  # [Z, C/S, S_t, S_s, K]
+    dq = jnp.sum(weighted_decay * k[:, :, None], axis=3)
+    dk = jnp.sum(weighted_decay * q[:, :, :, None], axis=2)
+    # G enters as +G[t] and -G[s], each scaling the term by itself: dG = q dq - k dk.
+    return dq, dk, q * dq - k * dk
+
+
+_diagonal_blocks.defvjp(_diagonal_blocks_fwd, _diagonal_blocks_bwd)

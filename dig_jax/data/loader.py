@@ -67,6 +67,7 @@ def make_loader(
     shuffle: bool = True,
     num_epochs: int | None = None,
     worker_count: int = 0,
+    read_threads: int = 16,
     shard_index: int | None = None,
     shard_count: int | None = None,
 ) -> Loader:
@@ -81,6 +82,9 @@ def make_loader(
       num_epochs: stop after this many passes over the host's shard; None repeats forever.
       worker_count: grain worker processes (0 = load in this process, with reading threads). The batches depend
         on it (grain splits the record stream between workers), so keep it fixed when restoring a state.
+      read_threads: threads reading records in each process (grain's default 16; the batches do not depend on
+        it). 0 reads in the calling thread: best for sources computed in memory, which gain nothing from threads
+        but contention for the GIL and the cores.
       shard_index: this host's shard; defaults to `jax.process_index()`.
       shard_count: number of shards; defaults to `jax.process_count()`.
 
@@ -118,6 +122,7 @@ def make_loader(
         operations=operations,
         worker_count=worker_count,
         shard_options=shard_options,
+        read_options=grain.ReadOptions(num_threads=read_threads),
     )
     return Loader(data_loader, local_batch_size)
 

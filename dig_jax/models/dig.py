@@ -14,6 +14,7 @@ So no order has to be restored for depths that are not a multiple of 4, and chec
 """
 
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -142,10 +143,27 @@ class DepthwiseConv3x3(nnx.Module):
         if order.reversed:
             kernel = kernel[::-1, ::-1]
         dtype = self.dtype or x.dtype
-        y = jax.lax.conv_general_dilated(
-            x.reshape(n, grid, grid, d).astype(dtype), kernel.astype(dtype), window_strides=(1, 1),
-            padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d)
+        x, kernel = x.reshape(n, grid, grid, d).astype(dtype), kernel.astype(dtype)
+        if jax.default_backend() == "cpu":
+            y = shifted_depthwise_conv3x3(x, kernel[:, :, 0])
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d)
         return (y + self.bias[...].astype(dtype)).reshape(n, tokens, d)
+
+
+def shifted_depthwise_conv3x3(x, kernel):
+    """Zero-padded 3x3 depthwise conv as nine shifted multiply-adds: x [N, H, W, D], kernel [3, 3, D].
+
+    Equals lax.conv_general_dilated with feature_group_count=D (a cross-correlation), products and sums in float32,
+    the result in x's dtype. The CPU path: XLA:CPU runs that grouped conv tens of times slower than this and computes
+    its kernel gradient as a dense D x D conv (D times the work).
+    """
+    height, width = x.shape[1:3]
+    padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = sum(padded[:, row:row + height, col:col + width] * kernel[row, col].astype(jnp.float32)
+            for row, col in itertools.product(range(3), range(3)))
+    return y.astype(x.dtype)
 
 
 class DiGBlock(nnx.Module):
