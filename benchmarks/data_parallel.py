@@ -27,15 +27,15 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dig_jax.config_base import model_from_config, paper_config
 from dig_jax.diffusion import create_diffusion
 from dig_jax.latents import data_space
+from dig_jax.models import split_params
 from dig_jax.sharding import batch_sharding, make_mesh, state_shardings, under_mesh
-from dig_jax.train import build_optimizer, init_state, make_train_step
+from dig_jax.train import build_optimizer, freeze_long_lived_objects, init_state, make_train_step
 
 WINDOWS = 3
 
@@ -65,7 +65,7 @@ def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int) 
     """(pipelined, synchronous) seconds per train step with the batch split over `devices` (a data-parallel
     mesh); see the module docstring."""
     mesh = make_mesh(data=len(devices), fsdp=1, devices=devices)
-    graphdef, params, rest = nnx.split(model_from_config(config), nnx.Param, ...)
+    graphdef, params, rest = split_params(model_from_config(config))
     tx, schedule = build_optimizer(config.optimizer)
     shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh)
     state = jax.jit(init_state, static_argnums=(1, 2), out_shardings=shardings)(params, tx, config.seed)
@@ -85,6 +85,7 @@ def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int) 
     for _ in range(warmup):
         state, metrics = step(state, batch, space.frozen)
     jax.block_until_ready(metrics["loss"])
+    freeze_long_lived_objects()  # as the trainer does after its first step
     # The two modes alternate in windows so that slow drifts (clocks, temperature) affect both alike.
     synchronous, pipelined = [], []
     for _ in range(WINDOWS):

@@ -32,12 +32,12 @@ def run_case(model_name, overrides, res, batch, steps):
     from ml_collections import ConfigDict
 
     from dig_jax.diffusion import create_diffusion
-    from dig_jax.models import create_model
-    from dig_jax.train import build_optimizer, init_state, make_train_step
+    from dig_jax.models import create_model, split_params
+    from dig_jax.train import build_optimizer, freeze_long_lived_objects, init_state, make_train_step
 
     latent = res // 8
     model = create_model(model_name, input_size=latent, dtype="bfloat16", rngs=nnx.Rngs(0), **overrides)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = split_params(model)
     optimizer = ConfigDict(dict(learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0,
                                 grad_clip_norm=0.0))
     tx, schedule = build_optimizer(optimizer)
@@ -55,6 +55,7 @@ def run_case(model_name, overrides, res, batch, steps):
     state, metrics = step(state, batch, None)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - started
+    freeze_long_lived_objects()  # as the trainer does after its first step
     times = []
     for _ in range(steps):
         started = time.perf_counter()

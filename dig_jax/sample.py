@@ -25,6 +25,7 @@ from dig_jax import checkpoint as ckpt
 from dig_jax.config_base import model_from_config
 from dig_jax.images import make_grid, save_npz, save_png, to_uint8
 from dig_jax.latents import make_decoder
+from dig_jax.models import split_params
 from dig_jax.sampling import SAMPLERS, generate
 from dig_jax.vae import load_vae
 
@@ -45,7 +46,7 @@ def load_ema_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, C
     try:
         step = _checked_step(checkpointer, step)
         model = model_from_config(config)
-        params = nnx.state(model, nnx.Param)
+        _, params, _ = split_params(model)
         abstract_ema = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         nnx.update(model, checkpointer.restore_ema(step, abstract_ema))
     finally:

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from dig_jax.config_base import model_from_config, paper_config
+from dig_jax.models import split_params
 
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES
@@ -107,7 +108,7 @@ def abstract_train_state(config: ConfigDict) -> dict:
     from dig_jax.train import build_optimizer, init_state  # imported here: the trainer imports this module
 
     model = nnx.eval_shape(lambda: model_from_config(config))
-    _, params, _ = nnx.split(model, nnx.Param, ...)
+    _, params, _ = split_params(model)
     tx, _ = build_optimizer(config.optimizer)
     return jax.eval_shape(lambda p: init_state(p, tx, config.seed), params)
 

@@ -6,6 +6,7 @@ resumes from the newest checkpoint in DIR, exactly: the loss trajectory continue
 Config overrides: `--config configs/x.py:arg --config.global_batch_size=64 --config.model.name=DiG-B/2`.
 """
 
+import gc
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from dig_jax.diffusion import create_diffusion, sample_timesteps
 from dig_jax.images import make_grid, save_png, to_uint8
 from dig_jax.latents import check_data_space, data_space
 from dig_jax.metrics import MetricsLogger
+from dig_jax.models import split_params
 from dig_jax.sampling import generate
 from dig_jax.sharding import batch_sharding, make_mesh, state_shardings, under_mesh
 
@@ -104,6 +106,14 @@ def make_train_step(graphdef, model_rest, diffusion, tx, schedule, ema_decay: fl
         return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}, metrics
 
     return train_step
+
+
+def freeze_long_lived_objects() -> None:
+    """Exempts every object alive now (the compiled step, traced jaxprs, caches: about half a million for DiG-S/2)
+    from garbage collection. Call it once the train step has compiled: otherwise each full collection rescans them
+    all, stalling the host 0.2-0.3 s every few dozen steps (1.1 s per 180 DiG-S/2 steps on an H100 host)."""
+    gc.collect()
+    gc.freeze()
 
 
 class StopRequest:
@@ -185,7 +195,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
         print(f"{distributed.describe_processes()}; mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}",
               flush=True)
     model = model_from_config(config)
-    graphdef, params, model_rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, model_rest = split_params(model)
     diffusion = create_diffusion(learn_sigma=config.model.learn_sigma)
     tx, schedule = build_optimizer(config.optimizer)
     shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh)
@@ -221,6 +231,8 @@ def train(config: ConfigDict, workdir: str) -> dict:
             for step in range(start_step + 1, config.num_steps + 1):
                 batch = to_global_batch(next(loader), data_sharding)
                 state, metrics = train_step(state, batch, space.frozen)
+                if step == start_step + 1:  # compiled
+                    freeze_long_lived_objects()
                 last = step == config.num_steps
                 if step % config.log_every == 0 or last:
                     logged = logger.write(step, {k: float(v) for k, v in jax.device_get(metrics).items()})

@@ -1,4 +1,5 @@
-"""Chunked GLA in plain jnp: the portable implementation, differentiated by JAX autodiff.
+"""Chunked GLA in plain jnp: the portable implementation, differentiated by JAX autodiff (with a hand-written
+backward for the element-wise diagonal blocks only).
 
 The sequence is cut into chunks of `CHUNK` tokens. With G the inclusive cumsum of g inside a chunk (float32) and
 h_c the [K, V] state entering chunk c:

@@ -17,12 +17,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from dig_jax.config_base import base_config, model_from_config  # noqa: E402
 from dig_jax.diffusion import create_diffusion  # noqa: E402
 from dig_jax.latents import data_space  # noqa: E402
+from dig_jax.models import split_params  # noqa: E402
 from dig_jax.sharding import DEFAULT_FSDP_MIN_SIZE, batch_sharding, state_shardings, under_mesh  # noqa: E402
 from dig_jax.train import build_optimizer, init_state, make_train_step, train  # noqa: E402
 
@@ -60,7 +60,7 @@ def tiny_config(num_steps: int, mesh_data: int, mesh_fsdp: int) -> ConfigDict:
 def _tiny_trainer_parts(mesh, fsdp_min_size: int):
     """What `train` builds once, for the tiny model on `mesh`; cached so that tests sharing a mesh compile once."""
     config = tiny_config(num_steps=1, mesh_data=mesh.shape["data"], mesh_fsdp=mesh.shape["fsdp"])
-    graphdef, params, rest = nnx.split(model_from_config(config), nnx.Param, ...)
+    graphdef, params, rest = split_params(model_from_config(config))
     tx, schedule = build_optimizer(config.optimizer)
     shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh, fsdp_min_size)
     init = jax.jit(functools.partial(init_state, tx=tx, seed=config.seed), out_shardings=shardings)

@@ -7,13 +7,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 from safetensors.numpy import save_file
 
 from dig_jax import checkpoint as ckpt
 from dig_jax import sample
 from dig_jax.images import to_uint8
+from dig_jax.models import split_params
 from dig_jax.train import build_optimizer, init_state
 from dig_jax.vae import CONFIG_FILE, WEIGHTS_FILE, AutoencoderKLConfig, diffusers_param_shapes
 from tests.fixtures_tiny_run import TINY_CHECKPOINT_STEPS, TINY_IMAGE_SIZE, tiny_run  # noqa: F401
@@ -93,7 +93,7 @@ def test_random_classes_are_reproducible_and_cover_the_label_set():
 def test_load_ema_model_restores_the_ema_weights_of_the_checkpoint(tiny_run):  # noqa: F811
     step = TINY_CHECKPOINT_STEPS[0]
     model, config, restored_step = sample.load_ema_model(tiny_run, step)
-    loaded = nnx.state(model, nnx.Param)
+    _, loaded, _ = split_params(model)
     assert restored_step == step
 
     # The whole train state of that step, restored the way the trainer does.
