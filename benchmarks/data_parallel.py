@@ -6,15 +6,17 @@ AdamW, EMA, state donated, batch split over the devices; x0 is fed directly (ran
 only the posterior sample of pre-encoded latents, one elementwise op.
 
 Usage, from the repository root on a GPU machine:
-    python benchmarks/data_parallel.py [--model DiG-S/2] [--batch_per_device 32] [--steps 30] [--warmup 5]
+    python benchmarks/data_parallel.py [--model DiG-S/2] [--batch_per_device 32] [--steps 30] [--warmup 5] \
+        [--steps_per_call 1]
 CPU check with a tiny model:
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python benchmarks/data_parallel.py \
         --options depth=1,hidden_size=64,num_heads=2 --input_size 8 --batch_per_device 2 --steps 3 --warmup 1
 
-Times, after --warmup steps (the first one compiles), in WINDOWS alternating windows of each mode: "pipelined",
---steps steps dispatched back to back and waited for once, as the trainer runs them (it only waits for the device
-at log and checkpoint steps), the median over windows; and "synchronous", every step waited for, which adds the
-host's dispatch time to each step, the median over all such steps.
+Times, after --warmup calls (the first one compiles), in WINDOWS alternating windows of each mode: "pipelined",
+--steps calls dispatched back to back and waited for once, as the trainer runs them (it only waits for the device
+at log and checkpoint steps), the median over windows; and "synchronous", every call waited for, which adds the
+host's dispatch time to each call, the median over all such calls. Each call runs --steps_per_call train steps
+(the trainer's config.steps_per_call: a scan over that many batches); times are per train step.
 Scaling efficiency = images/s on N devices / (N x images/s on one device), from the pipelined times.
 """
 
@@ -35,7 +37,7 @@ from dig_jax.diffusion import create_diffusion
 from dig_jax.latents import data_space
 from dig_jax.models import split_params
 from dig_jax.sharding import batch_sharding, make_mesh, state_shardings, under_mesh
-from dig_jax.train import build_optimizer, freeze_long_lived_objects, init_state, make_train_step
+from dig_jax.train import build_optimizer, freeze_long_lived_objects, init_state, make_multi_step, make_train_step
 
 WINDOWS = 3
 
@@ -61,26 +63,30 @@ def benchmark_config(args):
     return config
 
 
-def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int) -> tuple[float, float]:
+def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int,
+               steps_per_call: int = 1) -> tuple[float, float]:
     """(pipelined, synchronous) seconds per train step with the batch split over `devices` (a data-parallel
-    mesh); see the module docstring."""
+    mesh), `steps_per_call` steps per dispatch as the trainer's config.steps_per_call; see the module docstring.
+    warmup and steps count calls."""
     mesh = make_mesh(data=len(devices), fsdp=1, devices=devices)
     graphdef, params, rest = split_params(model_from_config(config))
     tx, schedule = build_optimizer(config.optimizer)
     shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh)
     state = jax.jit(init_state, static_argnums=(1, 2), out_shardings=shardings)(params, tx, config.seed)
     space = data_space(config, mesh)
+    data_sharding = batch_sharding(mesh, stacked=True)
     step = under_mesh(mesh, jax.jit(
-        make_train_step(graphdef, rest, create_diffusion(learn_sigma=config.model.learn_sigma), tx, schedule,
-                        config.ema_decay, space.to_x0),
-        in_shardings=(shardings, batch_sharding(mesh), None), out_shardings=(shardings, None), donate_argnums=0))
+        make_multi_step(make_train_step(graphdef, rest, create_diffusion(learn_sigma=config.model.learn_sigma), tx,
+                                        schedule, config.ema_decay, space.to_x0)),
+        in_shardings=(shardings, data_sharding, None), out_shardings=(shardings, None), donate_argnums=0))
 
     rng = np.random.default_rng(0)
     size, channels = config.model.input_size, config.model.in_channels
     global_batch = batch_per_device * len(devices)
     batch = jax.device_put({
-        "image": rng.standard_normal((global_batch, size, size, channels), np.float32),
-        "label": rng.integers(0, config.model.num_classes, global_batch).astype(np.int32)}, batch_sharding(mesh))
+        "image": rng.standard_normal((steps_per_call, global_batch, size, size, channels), np.float32),
+        "label": rng.integers(0, config.model.num_classes, (steps_per_call, global_batch)).astype(np.int32)},
+        data_sharding)
 
     for _ in range(warmup):
         state, metrics = step(state, batch, space.frozen)
@@ -101,7 +107,7 @@ def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int) 
         pipelined.append((time.perf_counter() - start) / steps)
     if not np.isfinite(float(metrics["loss"])):
         raise RuntimeError(f"non-finite loss {float(metrics['loss'])} on {len(devices)} device(s)")
-    return statistics.median(pipelined), statistics.median(synchronous)
+    return statistics.median(pipelined) / steps_per_call, statistics.median(synchronous) / steps_per_call
 
 
 def main():
@@ -112,21 +118,24 @@ def main():
                         help="model overrides, e.g. depth=1,hidden_size=64,num_heads=2,gla_impl=xla")
     parser.add_argument("--batch_per_device", type=int, default=32)
     parser.add_argument("--compute_dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5, help="calls")
+    parser.add_argument("--steps", type=int, default=30, help="calls per timing window")
+    parser.add_argument("--steps_per_call", type=int, default=1, help="train steps per call (config.steps_per_call)")
     parser.add_argument("--out", default="", help="folder for data_parallel.json (optional)")
     args = parser.parse_args()
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be >= 1 (the first step compiles)")
+    if min(args.warmup, args.steps, args.steps_per_call) < 1:
+        parser.error("--warmup, --steps and --steps_per_call must be >= 1 (the first call compiles)")
 
     config = benchmark_config(args)
     devices = jax.devices()
     print(f"{args.model} {args.options or ''} input {args.input_size}x{args.input_size}x{config.model.in_channels}, "
-          f"{args.batch_per_device} per device, {args.compute_dtype}; {len(devices)} x {devices[0].device_kind}, "
+          f"{args.batch_per_device} per device, {args.compute_dtype}, {args.steps_per_call} step(s) per call; "
+          f"{len(devices)} x {devices[0].device_kind}, "
           f"jax {jax.__version__}", flush=True)
     rows = []
     for count in sorted({1, len(devices)}):
-        seconds, synchronous = time_steps(config, devices[:count], args.batch_per_device, args.warmup, args.steps)
+        seconds, synchronous = time_steps(config, devices[:count], args.batch_per_device, args.warmup, args.steps,
+                                          args.steps_per_call)
         images_per_second = args.batch_per_device * count / seconds
         rows.append({"devices": count, "global_batch": args.batch_per_device * count, "step_ms": 1e3 * seconds,
                      "synchronous_step_ms": 1e3 * synchronous, "images_per_second": images_per_second,
@@ -145,6 +154,7 @@ def main():
         with open(os.path.join(args.out, "data_parallel.json"), "w") as f:
             json.dump({"model": args.model, "options": args.options, "input_size": args.input_size,
                        "batch_per_device": args.batch_per_device, "compute_dtype": args.compute_dtype,
+                       "steps_per_call": args.steps_per_call,
                        "device_kind": devices[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=2)
 
 

@@ -72,6 +72,9 @@ def base_config() -> ConfigDict:
 
     c.log_every = 100
     c.checkpoint_every = 5_000
+    c.steps_per_call = 1            # train steps per dispatch (a scan over as many batches): > 1 hides the host's
+                                    # per-step cost for small models; num_steps, log_every, checkpoint_every must be
+                                    # multiples of it
     c.keep_checkpoints = 3
 
     c.sample = ConfigDict()         # sample grid written at the end of training

@@ -53,9 +53,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over every device."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, *, stacked: bool = False) -> NamedSharding:
+    """Batch axis split over every device: the leading one, or the second one of `stacked` leaves
+    [steps, batch, ...] (the batches of several train steps run by one call)."""
+    return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
 
 
 def under_mesh(mesh: Mesh, fn):

@@ -47,9 +47,14 @@ def validate_config(config: ConfigDict) -> None:
     """Checks what ml_collections cannot (unknown keys and wrong types it already rejects)."""
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"config.compute_dtype must be one of {COMPUTE_DTYPES}, got {config.compute_dtype!r}")
-    for key in ("global_batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("global_batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                "steps_per_call"):
         if config[key] < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")
+    for key in ("num_steps", "log_every", "checkpoint_every"):
+        if config[key] % config.steps_per_call:
+            raise ConfigError(f"config.{key}={config[key]} must be a multiple of config.steps_per_call="
+                              f"{config.steps_per_call}")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ConfigError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
     if config.global_batch_size % jax.device_count():
@@ -106,6 +111,22 @@ def make_train_step(graphdef, model_rest, diffusion, tx, schedule, ema_decay: fl
         return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}, metrics
 
     return train_step
+
+
+def make_multi_step(train_step):
+    """(state, batches, frozen) -> (state, metrics of the last step): train_step over each of the stacked
+    `batches` (leaves [steps, batch, ...]) in one compiled call, so that the host dispatches once per call."""
+
+    def multi_step(state, batches, frozen):
+        state, metrics = jax.lax.scan(lambda state, batch: train_step(state, batch, frozen), state, batches)
+        return state, jax.tree.map(lambda m: m[-1], metrics)
+
+    return multi_step
+
+
+def next_batches(loader, count: int):
+    """The loader's next `count` host batches stacked into leaves [count, batch, ...]."""
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *(next(loader) for _ in range(count)))
 
 
 def freeze_long_lived_objects() -> None:
@@ -200,7 +221,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
     tx, schedule = build_optimizer(config.optimizer)
     shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh)
     state = jax.jit(init_state, static_argnums=(1, 2), out_shardings=shardings)(params, tx, config.seed)
-    data_sharding = batch_sharding(mesh)
+    data_sharding = batch_sharding(mesh, stacked=True)
     space = data_space(config, mesh)  # x0 from batches: pixels, online VAE encoding or stored moments
 
     source = create_dataset(config.data.name, split=config.data.split, image_size=config.data.image_size,
@@ -215,11 +236,15 @@ def train(config: ConfigDict, workdir: str) -> dict:
         state = distributed.restore_checkpoint(checkpointer, start_step, state, loader)
         if is_main:
             print(f"Resumed from step {start_step} in {checkpointer.directory}", flush=True)
+    if start_step % config.steps_per_call:
+        raise ConfigError(f"the checkpoint of step {start_step} cannot resume with config.steps_per_call="
+                          f"{config.steps_per_call}: use a value that divides {start_step}")
     if start_step >= config.num_steps and is_main:
         print(f"Nothing to do: the run already reached config.num_steps={config.num_steps}.", flush=True)
 
-    train_step = under_mesh(mesh, jax.jit(
-        make_train_step(graphdef, model_rest, diffusion, tx, schedule, config.ema_decay, space.to_x0),
+    train_steps = under_mesh(mesh, jax.jit(
+        make_multi_step(make_train_step(graphdef, model_rest, diffusion, tx, schedule, config.ema_decay,
+                                        space.to_x0)),
         # None: the frozen VAE parameters keep the replicated sharding they were placed with.
         in_shardings=(shardings, data_sharding, None), out_shardings=(shardings, None), donate_argnums=0))
     logger = MetricsLogger(workdir, total_steps=config.num_steps, global_batch_size=config.global_batch_size,
@@ -228,10 +253,11 @@ def train(config: ConfigDict, workdir: str) -> dict:
     logger.start(start_step)
     with StopRequest() as stop:
         try:
-            for step in range(start_step + 1, config.num_steps + 1):
-                batch = to_global_batch(next(loader), data_sharding)
-                state, metrics = train_step(state, batch, space.frozen)
-                if step == start_step + 1:  # compiled
+            steps_per_call = config.steps_per_call
+            for step in range(start_step + steps_per_call, config.num_steps + 1, steps_per_call):
+                batches = to_global_batch(next_batches(loader, steps_per_call), data_sharding)
+                state, metrics = train_steps(state, batches, space.frozen)  # the steps up to and including `step`
+                if step == start_step + steps_per_call:  # compiled
                     freeze_long_lived_objects()
                 last = step == config.num_steps
                 if step % config.log_every == 0 or last:

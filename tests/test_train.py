@@ -58,6 +58,17 @@ def test_resume_is_exact(tmp_path):
     assert [resumed[step] for step in (4, 5, 6)] == [expected[step] for step in (4, 5, 6)]
 
 
+def test_several_steps_per_call_follow_the_same_trajectory(tmp_path):
+    one, three = str(tmp_path / "one"), str(tmp_path / "three")
+    train(tiny_config(), one)
+    train(tiny_config(steps_per_call=3, log_every=3), three)
+    expected, batched = losses(one), losses(three)
+    assert sorted(batched) == [3, 6]
+    assert batched[3] == pytest.approx(expected[3], rel=1e-5) and batched[6] == pytest.approx(expected[6], rel=1e-5)
+    with pytest.raises(ConfigError, match="config.steps_per_call=4"):  # step 6 cannot be reached in fours
+        train(tiny_config(steps_per_call=4, num_steps=8, log_every=4, checkpoint_every=4), three)
+
+
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     workdir = str(tmp_path)
     command = [sys.executable, "-m", "dig_jax.train", "--config", "configs/quickstart.py", "--workdir", workdir,
@@ -127,6 +138,7 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     ("compute_dtype", "float16", "config.compute_dtype"),
     ("global_batch_size", 0, "config.global_batch_size"),
     ("ema_decay", 1.5, "config.ema_decay"),
+    ("steps_per_call", 4, "config.num_steps=6 must be a multiple of config.steps_per_call=4"),
     ("data.image_size", 24, "config.data.image_size"),
 ])
 def test_bad_config_values_are_rejected_by_name(tmp_path, key, value, message):
