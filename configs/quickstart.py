@@ -6,8 +6,9 @@ Expected runtime: about 16 minutes on a 2-core CPU (1500 steps at ~1.6-1.9 steps
 final sampling; far faster on any GPU).
 Expected result: the loss falls from ~1.0 to ~0.02-0.05 and the run ends by writing
 workdirs/quickstart/samples_1500.png, one row per class (4 per row). At 1500 steps the samples have the dataset's
-plain backgrounds and class-coloured blobs (docs/quickstart_samples.png); crisp shapes need longer training, e.g.
---config.num_steps=6000.
+plain backgrounds and class-coloured blobs (docs/quickstart_samples.png). With --config.num_steps=6000 (about an
+hour on the CPU; it resumes a finished 1500-step run) every class shows its colour and texture and rough shapes
+(docs/quickstart_samples_6000.png).
 Rerunning the command resumes from the last checkpoint (and finishes at once if the run is complete).
 """
 

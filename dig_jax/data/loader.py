@@ -132,6 +132,6 @@ def to_global_batch(local_batch: Any, sharding: jax.sharding.Sharding) -> Any:
 
     With `sharding` = NamedSharding(mesh, P("data")) (the spec names the leading axis only, so it fits every
     leaf), leaves [b, ...] on each host become arrays [b * process_count, ...] whose rows on this host's devices
-    are this host's rows.
+    are this host's rows; with P(None, "data"), stacked leaves [steps, b, ...] become [steps, b * process_count, ...].
     """
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
