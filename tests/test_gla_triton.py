@@ -15,6 +15,7 @@ from jax import export
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import gla_triton as gla_triton_module
 from pallas_kernels.gla_pallas import gla_pallas, shard_over_batch_and_heads
 from pallas_kernels.gla_reference import gla_reference
 from pallas_kernels.gla_triton import CHUNK, FACTORISED_GATE_LIMIT, TritonConfig, gla_triton
@@ -186,3 +187,20 @@ def test_unsupported_sizes_raise(key_dim, value_dim, config, argument):
     q, k, v, g, _ = make_inputs(0, 1, 4, 1, key_dim, value_dim, gate_strength=WEAK_GATES)
     with pytest.raises(ValueError, match=rf"{argument}\b"):
         gla_triton(q, k, v, g, scale=0.25, initial_state=None, reverse=False, config=config)
+
+
+@pytest.mark.parametrize("programs,stages", [
+    (6144, 3), (2304, 3),  # many programs per SM (T <= 1024 at the anchor batches): three share an SM
+    (576, 4),              # 4.4 per SM (XL, T=4096): two per SM smooth the last round
+    (384, 6),              # 2.9 per SM (S, T=4096): three full rounds of one deep-pipelined program
+    (144, 3),              # 1.1 per SM (XL, T=16384): one per SM would leave a mostly idle second round
+    (96, 3),               # fewer programs than SMs
+])
+def test_forward_stages_follow_programs_per_multiprocessor(monkeypatch, programs, stages):
+    monkeypatch.setattr(gla_triton_module, "_multiprocessor_count", lambda: 132)  # an H100
+    assert gla_triton_module._forward_stages(programs) == stages
+
+
+def test_forward_stages_default_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(gla_triton_module, "_multiprocessor_count", lambda: None)
+    assert gla_triton_module._forward_stages(384) == 3
