@@ -32,12 +32,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dig_jax.config_base import model_from_config, paper_config
-from dig_jax.diffusion import create_diffusion
-from dig_jax.latents import data_space
-from dig_jax.models import split_params
-from dig_jax.sharding import batch_sharding, make_mesh, state_shardings, under_mesh
-from dig_jax.train import build_optimizer, freeze_long_lived_objects, init_state, make_multi_step, make_train_step
+from dig_jax.config_base import paper_config
+from dig_jax.sharding import make_mesh
+from dig_jax.train import build_trainer, freeze_long_lived_objects
 
 WINDOWS = 3
 
@@ -68,17 +65,8 @@ def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int,
     """(pipelined, synchronous) seconds per train step with the batch split over `devices` (a data-parallel
     mesh), `steps_per_call` steps per dispatch as the trainer's config.steps_per_call; see the module docstring.
     warmup and steps count calls."""
-    mesh = make_mesh(data=len(devices), fsdp=1, devices=devices)
-    graphdef, params, rest = split_params(model_from_config(config))
-    tx, schedule = build_optimizer(config.optimizer)
-    shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh)
-    state = jax.jit(init_state, static_argnums=(1, 2), out_shardings=shardings)(params, tx, config.seed)
-    space = data_space(config, mesh)
-    data_sharding = batch_sharding(mesh, stacked=True)
-    step = under_mesh(mesh, jax.jit(
-        make_multi_step(make_train_step(graphdef, rest, create_diffusion(learn_sigma=config.model.learn_sigma), tx,
-                                        schedule, config.ema_decay, space.to_x0)),
-        in_shardings=(shardings, data_sharding, None), out_shardings=(shardings, None), donate_argnums=0))
+    trainer = build_trainer(config, make_mesh(data=len(devices), fsdp=1, devices=devices))
+    state, step, frozen = trainer.init(trainer.params), trainer.train_steps, trainer.space.frozen
 
     rng = np.random.default_rng(0)
     size, channels = config.model.input_size, config.model.in_channels
@@ -86,10 +74,10 @@ def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int,
     batch = jax.device_put({
         "image": rng.standard_normal((steps_per_call, global_batch, size, size, channels), np.float32),
         "label": rng.integers(0, config.model.num_classes, (steps_per_call, global_batch)).astype(np.int32)},
-        data_sharding)
+        trainer.data_sharding)
 
     for _ in range(warmup):
-        state, metrics = step(state, batch, space.frozen)
+        state, metrics = step(state, batch, frozen)
     jax.block_until_ready(metrics["loss"])
     freeze_long_lived_objects()  # as the trainer does after its first step
     # The two modes alternate in windows so that slow drifts (clocks, temperature) affect both alike.
@@ -97,12 +85,12 @@ def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int,
     for _ in range(WINDOWS):
         for _ in range(steps):
             start = time.perf_counter()
-            state, metrics = step(state, batch, space.frozen)
+            state, metrics = step(state, batch, frozen)
             jax.block_until_ready(metrics["loss"])
             synchronous.append(time.perf_counter() - start)
         start = time.perf_counter()
         for _ in range(steps):
-            state, metrics = step(state, batch, space.frozen)
+            state, metrics = step(state, batch, frozen)
         jax.block_until_ready(metrics["loss"])
         pipelined.append((time.perf_counter() - start) / steps)
     if not np.isfinite(float(metrics["loss"])):

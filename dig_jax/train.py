@@ -6,10 +6,13 @@ resumes from the newest checkpoint in DIR, exactly: the loss trajectory continue
 Config overrides: `--config configs/x.py:arg --config.global_batch_size=64 --config.model.name=DiG-B/2`.
 """
 
+import dataclasses
+import functools
 import gc
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +29,11 @@ from dig_jax.config_base import model_from_config
 from dig_jax.data import create_dataset, make_loader, to_global_batch
 from dig_jax.diffusion import create_diffusion, sample_timesteps
 from dig_jax.images import make_grid, save_png, to_uint8
-from dig_jax.latents import check_data_space, data_space
+from dig_jax.latents import DataSpace, check_data_space, data_space
 from dig_jax.metrics import MetricsLogger
 from dig_jax.models import split_params
 from dig_jax.sampling import generate
-from dig_jax.sharding import batch_sharding, make_mesh, state_shardings, under_mesh
+from dig_jax.sharding import DEFAULT_FSDP_MIN_SIZE, batch_sharding, make_mesh, state_shardings, under_mesh
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -124,6 +127,38 @@ def make_multi_step(train_step):
     return multi_step
 
 
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """What training runs, built from a config on a mesh (`build_trainer`)."""
+
+    model: nnx.Module  # the initialised model: its structure rebuilds the network for sampling
+    params: dict       # its initial parameters (plain nested dict)
+    init: Callable     # params -> the initial training state (init_state), sharded over the mesh
+    # (state, batches, frozen) -> (state, metrics of the last step): one train step per stacked batch (leaves
+    # [steps, global batch, ...], placed with data_sharding), as many as stacked; donates `state`.
+    train_steps: Callable
+    data_sharding: jax.sharding.NamedSharding
+    space: DataSpace   # batch -> x0 inside the step (space.frozen: its constants), x0 -> images for sampling
+
+
+def build_trainer(config: ConfigDict, mesh, fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Trainer:
+    """The model, optimizer and jitted train step that `train` runs for `config` on `mesh`: explicit state and
+    batch shardings (FSDP over mesh axis "fsdp" for arrays of at least `fsdp_min_size` elements), donated state."""
+    model = model_from_config(config)
+    graphdef, params, model_rest = split_params(model)
+    tx, schedule = build_optimizer(config.optimizer)
+    shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh, fsdp_min_size)
+    init = jax.jit(functools.partial(init_state, tx=tx, seed=config.seed), out_shardings=shardings)
+    space = data_space(config, mesh)  # x0 from batches: pixels, online VAE encoding or stored moments
+    data_sharding = batch_sharding(mesh, stacked=True)
+    train_steps = under_mesh(mesh, jax.jit(
+        make_multi_step(make_train_step(graphdef, model_rest, create_diffusion(learn_sigma=config.model.learn_sigma),
+                                        tx, schedule, config.ema_decay, space.to_x0)),
+        # None: the frozen VAE parameters keep the replicated sharding they were placed with.
+        in_shardings=(shardings, data_sharding, None), out_shardings=(shardings, None), donate_argnums=0))
+    return Trainer(model, params, init, train_steps, data_sharding, space)
+
+
 def next_batches(loader, count: int):
     """The loader's next `count` host batches stacked into leaves [count, batch, ...]."""
     return jax.tree.map(lambda *leaves: np.stack(leaves), *(next(loader) for _ in range(count)))
@@ -215,14 +250,9 @@ def train(config: ConfigDict, workdir: str) -> dict:
     if is_main:  # process 0 alone writes config.json, logs, metrics and samples; every process saves its shards
         print(f"{distributed.describe_processes()}; mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}",
               flush=True)
-    model = model_from_config(config)
-    graphdef, params, model_rest = split_params(model)
-    diffusion = create_diffusion(learn_sigma=config.model.learn_sigma)
-    tx, schedule = build_optimizer(config.optimizer)
-    shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh)
-    state = jax.jit(init_state, static_argnums=(1, 2), out_shardings=shardings)(params, tx, config.seed)
-    data_sharding = batch_sharding(mesh, stacked=True)
-    space = data_space(config, mesh)  # x0 from batches: pixels, online VAE encoding or stored moments
+    trainer = build_trainer(config, mesh)
+    state = trainer.init(trainer.params)
+    space, data_sharding = trainer.space, trainer.data_sharding
 
     source = create_dataset(config.data.name, split=config.data.split, image_size=config.data.image_size,
                             **config.data.kwargs.to_dict())
@@ -242,11 +272,6 @@ def train(config: ConfigDict, workdir: str) -> dict:
     if start_step >= config.num_steps and is_main:
         print(f"Nothing to do: the run already reached config.num_steps={config.num_steps}.", flush=True)
 
-    train_steps = under_mesh(mesh, jax.jit(
-        make_multi_step(make_train_step(graphdef, model_rest, diffusion, tx, schedule, config.ema_decay,
-                                        space.to_x0)),
-        # None: the frozen VAE parameters keep the replicated sharding they were placed with.
-        in_shardings=(shardings, data_sharding, None), out_shardings=(shardings, None), donate_argnums=0))
     logger = MetricsLogger(workdir, total_steps=config.num_steps, global_batch_size=config.global_batch_size,
                            is_main=is_main)
     logged, stopping = {}, False
@@ -256,7 +281,8 @@ def train(config: ConfigDict, workdir: str) -> dict:
             steps_per_call = config.steps_per_call
             for step in range(start_step + steps_per_call, config.num_steps + 1, steps_per_call):
                 batches = to_global_batch(next_batches(loader, steps_per_call), data_sharding)
-                state, metrics = train_steps(state, batches, space.frozen)  # the steps up to and including `step`
+                # The steps up to and including `step`.
+                state, metrics = trainer.train_steps(state, batches, space.frozen)
                 if step == start_step + steps_per_call:  # compiled
                     freeze_long_lived_objects()
                 last = step == config.num_steps
@@ -280,7 +306,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
         ema = (multihost_utils.process_allgather(state["ema"], tiled=True) if jax.process_count() > 1
                else jax.device_get(state["ema"]))
         if is_main:
-            path = save_sample_grid(config, model, ema, workdir, int(state["step"]), space.decode)
+            path = save_sample_grid(config, trainer.model, ema, workdir, int(state["step"]), space.decode)
             print(f"Wrote EMA samples to {path}", flush=True)
     return logged
 

@@ -19,12 +19,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
-from dig_jax.config_base import base_config, model_from_config  # noqa: E402
-from dig_jax.diffusion import create_diffusion  # noqa: E402
-from dig_jax.latents import data_space  # noqa: E402
-from dig_jax.models import split_params  # noqa: E402
-from dig_jax.sharding import DEFAULT_FSDP_MIN_SIZE, batch_sharding, state_shardings, under_mesh  # noqa: E402
-from dig_jax.train import build_optimizer, init_state, make_train_step, train  # noqa: E402
+from dig_jax.config_base import base_config  # noqa: E402
+from dig_jax.sharding import DEFAULT_FSDP_MIN_SIZE, batch_sharding  # noqa: E402
+from dig_jax.train import build_trainer, train  # noqa: E402
 
 GLOBAL_BATCH_SIZE = 16
 # Small enough that the tiny model's kernels are all split by FSDP (the default, 2**18, leaves most whole).
@@ -57,28 +54,26 @@ def tiny_config(num_steps: int, mesh_data: int, mesh_fsdp: int) -> ConfigDict:
 
 
 @functools.cache
-def _tiny_trainer_parts(mesh, fsdp_min_size: int):
-    """What `train` builds once, for the tiny model on `mesh`; cached so that tests sharing a mesh compile once."""
+def _tiny_trainer(mesh, fsdp_min_size: int):
+    """`train`'s model and jitted step for the tiny config on `mesh`; cached so that tests sharing a mesh compile
+    once."""
     config = tiny_config(num_steps=1, mesh_data=mesh.shape["data"], mesh_fsdp=mesh.shape["fsdp"])
-    graphdef, params, rest = split_params(model_from_config(config))
-    tx, schedule = build_optimizer(config.optimizer)
-    shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh, fsdp_min_size)
-    init = jax.jit(functools.partial(init_state, tx=tx, seed=config.seed), out_shardings=shardings)
-    space = data_space(config, mesh)
-    step = under_mesh(mesh, jax.jit(
-        make_train_step(graphdef, rest, create_diffusion(learn_sigma=config.model.learn_sigma), tx, schedule,
-                        config.ema_decay, space.to_x0),
-        in_shardings=(shardings, batch_sharding(mesh), None), out_shardings=(shardings, None), donate_argnums=0))
-    return params, init, step, space.frozen
+    return build_trainer(config, mesh, fsdp_min_size)
 
 
 def tiny_trainer(mesh, fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE):
-    """A fresh train state of `tiny_config`'s model on `mesh`, and the jitted step, built as `train` builds them.
+    """A fresh train state of `tiny_config`'s model on `mesh`, and the jitted step, as `train` builds them.
 
-    Returns (state, step, frozen); `step(state, batch, frozen)` -> (state, metrics) donates `state`.
+    Returns (state, step, frozen); `step(state, put_batch(batch, mesh), frozen)` -> (state, metrics) runs one
+    train step and donates `state`.
     """
-    params, init, step, frozen = _tiny_trainer_parts(mesh, fsdp_min_size)
-    return init(params), step, frozen
+    trainer = _tiny_trainer(mesh, fsdp_min_size)
+    return trainer.init(trainer.params), trainer.train_steps, trainer.space.frozen
+
+
+def put_batch(batch: dict, mesh):
+    """A global numpy batch as the trainer's step takes it: stacked as one step's batch, placed over `mesh`."""
+    return jax.device_put({key: value[None] for key, value in batch.items()}, batch_sharding(mesh, stacked=True))
 
 
 def run_steps(mesh, batches, fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE):
@@ -87,7 +82,7 @@ def run_steps(mesh, batches, fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE):
     state, step, frozen = tiny_trainer(mesh, fsdp_min_size)
     losses = []
     for batch in batches:
-        state, metrics = step(state, jax.device_put(batch, batch_sharding(mesh)), frozen)
+        state, metrics = step(state, put_batch(batch, mesh), frozen)
         losses.append(float(metrics["loss"]))
     return losses, state
 

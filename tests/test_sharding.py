@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
-from multihost_worker import SMALL_FSDP_MIN_SIZE, run_steps, tiny_config, tiny_trainer
+from multihost_worker import SMALL_FSDP_MIN_SIZE, put_batch, run_steps, tiny_config, tiny_trainer
 
 from dig_jax.data import create_dataset, make_loader
-from dig_jax.sharding import batch_sharding, make_mesh, param_spec, report_state_memory
+from dig_jax.sharding import make_mesh, param_spec, report_state_memory
 
 # The official count (675,953,952) less the fixed 256 x 1152 position embedding, which is not trained.
 DIG_XL2_TRAINABLE_PARAMS = 675_953_952 - 256 * 1152
@@ -69,7 +69,7 @@ def test_sharded_train_step_on_data2_fsdp4_matches_one_device_and_donates_the_st
     losses = []
     for batch in batches:
         previous = state
-        state, metrics = step(state, jax.device_put(batch, batch_sharding(mesh)), frozen)
+        state, metrics = step(state, put_batch(batch, mesh), frozen)
         assert all(x.is_deleted() for x in jax.tree.leaves(previous))  # donated: updated in place
         losses.append(float(metrics["loss"]))
 
