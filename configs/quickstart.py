@@ -2,13 +2,13 @@
 
 Command:
     python -m dig_jax.train --config configs/quickstart.py --workdir workdirs/quickstart
-Expected runtime: about 16 minutes on a 2-core CPU (1500 steps at ~1.6-1.9 steps/s plus compilation and the
+Expected runtime: about 16-17 minutes on a 2-core CPU (1500 steps at ~1.6 steps/s plus compilation and the
 final sampling; far faster on any GPU).
 Expected result: the loss falls from ~1.0 to ~0.02-0.05 and the run ends by writing
-workdirs/quickstart/samples_1500.png, one row per class (4 per row). At 1500 steps the samples have the dataset's
-plain backgrounds and class-coloured blobs (docs/quickstart_samples.png). With --config.num_steps=6000 (about an
-hour on the CPU; it resumes a finished 1500-step run) every class shows its colour and texture and rough shapes
-(docs/quickstart_samples_6000.png).
+workdirs/quickstart/samples_1500.png, one row per class (4 per row): every row in its class's colour, most with
+its texture (checks, stripes, dots), shapes still blocky blobs (docs/quickstart_samples.png). With
+--config.num_steps=3000 (about half an hour on the CPU; it resumes a finished 1500-step run) the shapes become
+recognisable (docs/quickstart_samples_longer.png; docs/quickstart.md tells how the recipe was chosen).
 Rerunning the command resumes from the last checkpoint (and finishes at once if the run is complete).
 """
 
@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.data.space = "pixel"
     c.data.image_size = 32
     c.data.read_threads = 0  # images are rendered in memory: reader threads only compete for the CPU's cores
-    c.optimizer.learning_rate = 1e-3
+    c.optimizer.learning_rate = 2e-3  # 1e-3 gives mostly wrong colours at 1500 steps (docs/quickstart.md)
     c.optimizer.warmup_steps = 100
     c.ema_decay = 0.995
     c.global_batch_size = 32
@@ -36,5 +36,5 @@ def get_config(arg=None):
     c.checkpoint_every = 500
     c.sample.per_class = 4
     c.sample.num_steps = 50
-    c.sample.cfg_scale = 2.0
+    c.sample.cfg_scale = 4.0
     return c
