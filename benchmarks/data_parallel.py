@@ -66,7 +66,7 @@ def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int,
     mesh), `steps_per_call` steps per dispatch as the trainer's config.steps_per_call; see the module docstring.
     warmup and steps count calls."""
     trainer = build_trainer(config, make_mesh(data=len(devices), fsdp=1, devices=devices))
-    state, step, frozen = trainer.init(trainer.params), trainer.train_steps, trainer.space.frozen
+    state, step, frozen = trainer.initial_state(), trainer.train_steps, trainer.space.frozen
 
     rng = np.random.default_rng(0)
     size, channels = config.model.input_size, config.model.in_channels

@@ -132,8 +132,7 @@ class Trainer:
     """What training runs, built from a config on a mesh (`build_trainer`)."""
 
     model: nnx.Module  # the initialised model: its structure rebuilds the network for sampling
-    params: dict       # its initial parameters (plain nested dict)
-    init: Callable     # params -> the initial training state (init_state), sharded over the mesh
+    initial_state: Callable  # () -> a fresh initial training state (init_state of the model's parameters), sharded
     # (state, batches, frozen) -> (state, metrics of the last step): one train step per stacked batch (leaves
     # [steps, global batch, ...], placed with data_sharding), as many as stacked; donates `state`.
     train_steps: Callable
@@ -149,6 +148,7 @@ def build_trainer(config: ConfigDict, mesh, fsdp_min_size: int = DEFAULT_FSDP_MI
     tx, schedule = build_optimizer(config.optimizer)
     shardings = state_shardings(jax.eval_shape(lambda: init_state(params, tx, config.seed)), mesh, fsdp_min_size)
     init = jax.jit(functools.partial(init_state, tx=tx, seed=config.seed), out_shardings=shardings)
+    initial_state = functools.partial(init, params)
     space = data_space(config, mesh)  # x0 from batches: pixels, online VAE encoding or stored moments
     data_sharding = batch_sharding(mesh, stacked=True)
     train_steps = under_mesh(mesh, jax.jit(
@@ -156,7 +156,7 @@ def build_trainer(config: ConfigDict, mesh, fsdp_min_size: int = DEFAULT_FSDP_MI
                                         tx, schedule, config.ema_decay, space.to_x0)),
         # None: the frozen VAE parameters keep the replicated sharding they were placed with.
         in_shardings=(shardings, data_sharding, None), out_shardings=(shardings, None), donate_argnums=0))
-    return Trainer(model, params, init, train_steps, data_sharding, space)
+    return Trainer(model, initial_state, train_steps, data_sharding, space)
 
 
 def next_batches(loader, count: int):
@@ -251,7 +251,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
         print(f"{distributed.describe_processes()}; mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}",
               flush=True)
     trainer = build_trainer(config, mesh)
-    state = trainer.init(trainer.params)
+    state = trainer.initial_state()
     space, data_sharding = trainer.space, trainer.data_sharding
 
     source = create_dataset(config.data.name, split=config.data.split, image_size=config.data.image_size,

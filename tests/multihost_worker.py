@@ -68,7 +68,7 @@ def tiny_trainer(mesh, fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE):
     train step and donates `state`.
     """
     trainer = _tiny_trainer(mesh, fsdp_min_size)
-    return trainer.init(trainer.params), trainer.train_steps, trainer.space.frozen
+    return trainer.initial_state(), trainer.train_steps, trainer.space.frozen
 
 
 def put_batch(batch: dict, mesh):
