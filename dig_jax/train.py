@@ -161,6 +161,8 @@ def build_trainer(config: ConfigDict, mesh, fsdp_min_size: int = DEFAULT_FSDP_MI
 
 def next_batches(loader, count: int):
     """The loader's next `count` host batches stacked into leaves [count, batch, ...]."""
+    if count == 1:  # a view: no copy of the batch on the default path
+        return jax.tree.map(lambda leaf: leaf[None], next(loader))
     return jax.tree.map(lambda *leaves: np.stack(leaves), *(next(loader) for _ in range(count)))
 
 
@@ -262,13 +264,13 @@ def train(config: ConfigDict, workdir: str) -> dict:
 
     checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints)
     start_step = checkpointer.latest_step() or 0
+    if start_step % config.steps_per_call:  # checked before the restore, which can take minutes
+        raise ConfigError(f"the checkpoint of step {start_step} cannot resume with config.steps_per_call="
+                          f"{config.steps_per_call}: use a value that divides {start_step}")
     if start_step:
         state = distributed.restore_checkpoint(checkpointer, start_step, state, loader)
         if is_main:
             print(f"Resumed from step {start_step} in {checkpointer.directory}", flush=True)
-    if start_step % config.steps_per_call:
-        raise ConfigError(f"the checkpoint of step {start_step} cannot resume with config.steps_per_call="
-                          f"{config.steps_per_call}: use a value that divides {start_step}")
     if start_step >= config.num_steps and is_main:
         print(f"Nothing to do: the run already reached config.num_steps={config.num_steps}.", flush=True)
 
