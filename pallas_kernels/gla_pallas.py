@@ -24,8 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.gla_tpu import gla_tpu
 from pallas_kernels.gla_triton import gla_triton
-
-HEAD_AXIS_NAMES = ("model", "tensor", "heads")
+from pallas_kernels.mesh import HEAD_AXIS_NAMES, divisible_prefix
 
 
 def gla_pallas(q, k, v, g, *, scale, initial_state, reverse):
@@ -72,8 +71,8 @@ def _batch_and_head_axes(mesh, q):
                              f"got spec {spec[:4]}")
         return _as_axes(spec[0]), _as_axes(spec[2])
     batch, _, heads, _ = q.shape
-    head_axes = _divisible_prefix(mesh, [name for name in mesh.axis_names if name in HEAD_AXIS_NAMES], heads)
-    batch_axes = _divisible_prefix(mesh, [name for name in mesh.axis_names if name not in HEAD_AXIS_NAMES], batch)
+    head_axes = divisible_prefix(mesh, [name for name in mesh.axis_names if name in HEAD_AXIS_NAMES], heads)
+    batch_axes = divisible_prefix(mesh, [name for name in mesh.axis_names if name not in HEAD_AXIS_NAMES], batch)
     return batch_axes, head_axes
 
 
@@ -81,14 +80,3 @@ def _as_axes(entry):
     if entry is None:
         return ()
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
-
-
-def _divisible_prefix(mesh, names, dim):
-    """The longest run of `names` (in order) whose combined size divides `dim`."""
-    axes, size = [], 1
-    for name in names:
-        if dim % (size * mesh.shape[name]) != 0:
-            break
-        axes.append(name)
-        size *= mesh.shape[name]
-    return tuple(axes)

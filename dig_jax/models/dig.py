@@ -14,7 +14,6 @@ So no order has to be restored for depths that are not a multiple of 4, and chec
 """
 
 import dataclasses
-import itertools
 import math
 
 import jax
@@ -30,7 +29,7 @@ from dig_jax.models.layers import (
     scaled_xavier_uniform,
     zeros,
 )
-from pallas_kernels import chunk_gla
+from pallas_kernels import chunk_gla, depthwise_conv3x3
 
 GLA_INIT_GAIN = 2 ** -2.5  # fla's init for every projection inside the GLA layer
 GATE_LOW_RANK = 16
@@ -73,6 +72,7 @@ class DiGConfig(BackboneConfig):
     skip: bool = False            # U-shape long skips between the first and second half
     zero_init_skip: bool = False  # skip Linear starts as [I | 0]: the skip is ignored at init
     gla_impl: str = "auto"        # chunk_gla implementation
+    conv_impl: str = "auto"       # depthwise_conv3x3 implementation
 
 
 class GatedLinearAttention(nnx.Module):
@@ -127,43 +127,22 @@ class SwiGLU(nnx.Module):
 class DepthwiseConv3x3(nnx.Module):
     """Depthwise 3x3 conv over the token grid, identity-initialised (the paper: normal init ruins FID)."""
 
-    def __init__(self, hidden_size: int, *, rngs, dtype):
+    def __init__(self, hidden_size: int, *, conv_impl: str, rngs, dtype):
         identity = jnp.zeros((3, 3, 1, hidden_size), jnp.float32).at[1, 1].set(1.0)
         self.kernel = nnx.Param(identity)  # HWIO with I = 1 (feature groups = channels)
         self.bias = nnx.Param(jnp.zeros((hidden_size,), jnp.float32))
         self.dtype = dtype
+        self.conv_impl = conv_impl
 
     def __call__(self, x, order: ScanOrder):
         """x: raster tokens [N, T, D]; applies the conv the official model applies to the grid in `order`."""
-        n, tokens, d = x.shape
-        grid = math.isqrt(tokens)
-        kernel = self.kernel[...]
+        kernel = self.kernel[...][:, :, 0]
         if order.transposed:
-            kernel = kernel.transpose(1, 0, 2, 3)
+            kernel = kernel.transpose(1, 0, 2)
         if order.reversed:
             kernel = kernel[::-1, ::-1]
-        dtype = self.dtype or x.dtype
-        x, kernel = x.reshape(n, grid, grid, d).astype(dtype), kernel.astype(dtype)
-        if jax.default_backend() == "cpu":
-            y = shifted_depthwise_conv3x3(x, kernel[:, :, 0])
-        else:
-            y = jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=((1, 1), (1, 1)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d)
-        return (y + self.bias[...].astype(dtype)).reshape(n, tokens, d)
-
-
-def shifted_depthwise_conv3x3(x, kernel):
-    """Zero-padded 3x3 depthwise conv as nine shifted multiply-adds: x [N, H, W, D], kernel [3, 3, D].
-
-    Equals lax.conv_general_dilated with feature_group_count=D (a cross-correlation), products and sums in float32,
-    the result in x's dtype. The CPU path: XLA:CPU runs that grouped conv tens of times slower than this and computes
-    its kernel gradient as a dense D x D conv (D times the work).
-    """
-    height, width = x.shape[1:3]
-    padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = sum(padded[:, row:row + height, col:col + width] * kernel[row, col].astype(jnp.float32)
-            for row, col in itertools.product(range(3), range(3)))
-    return y.astype(x.dtype)
+        return depthwise_conv3x3(x.astype(self.dtype or x.dtype), kernel, self.bias[...],
+                                 grid_width=math.isqrt(x.shape[1]), impl=self.conv_impl)
 
 
 class DiGBlock(nnx.Module):
@@ -175,7 +154,7 @@ class DiGBlock(nnx.Module):
         self.attn = GatedLinearAttention(d, config.num_heads, gla_impl=config.gla_impl, rngs=rngs, dtype=dtype)
         self.mlp = SwiGLU(d, rngs=rngs, dtype=dtype)
         self.adaLN_modulation = linear(d, 6 * d, rngs=rngs, dtype=dtype, kernel_init=zeros)
-        self.dw_conv = DepthwiseConv3x3(d, rngs=rngs, dtype=dtype)
+        self.dw_conv = DepthwiseConv3x3(d, conv_impl=config.conv_impl, rngs=rngs, dtype=dtype)
         has_skip = config.skip and index > config.depth // 2
         skip_init = _identity_skip_init if config.zero_init_skip else scaled_xavier_uniform(1.0)
         self.skip_linear = nnx.data(
