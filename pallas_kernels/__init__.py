@@ -1,7 +1,9 @@
 """Pallas ops for DiG: the chunked Gated Linear Attention op and the depthwise 3x3 token-grid convolution, each with
 a plain-JAX reference and fused kernels."""
 
+from pallas_kernels.depthwise_conv import IMPLS as CONV_IMPLS
 from pallas_kernels.depthwise_conv import depthwise_conv3x3
-from pallas_kernels.gla import IMPLS, chunk_gla
+from pallas_kernels.gla import IMPLS as GLA_IMPLS
+from pallas_kernels.gla import chunk_gla
 
-__all__ = ["IMPLS", "chunk_gla", "depthwise_conv3x3"]
+__all__ = ["CONV_IMPLS", "GLA_IMPLS", "chunk_gla", "depthwise_conv3x3"]

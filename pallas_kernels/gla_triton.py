@@ -47,7 +47,8 @@ guarded code therefore uses a loop whose trip count is K or 0 plus a select, and
 trips.
 
 Matmul operands are bf16 for bf16 inputs and float32 otherwise (TF32 on the GPU); accumulation, gates and carried
-states are float32. Triton's `dot` needs every dimension >= 16, hence K and V powers of two >= 16.
+states are float32. Triton's `dot` needs every dimension >= 16, hence K and V powers of two >= 16: other head sizes
+are zero-padded to the next one (`_with_dot_dims`, exact).
 """
 
 import dataclasses
@@ -567,12 +568,31 @@ def _is_dot_dim(n):
     return n >= _MIN_DOT_DIM and n & (n - 1) == 0
 
 
+def _dot_dim(n):
+    """The smallest power of two >= max(n, 16)."""
+    return max(_MIN_DOT_DIM, 1 << (n - 1).bit_length())
+
+
+def _with_dot_dims(q, k, v, g, initial_state, kernel):
+    """kernel(...) on K and V zero-padded to powers of two >= 16, results cut back. Exact: padded key channels
+    have k = q = 0 and g = 0, so their state rows stay zero and add nothing to o; padded value channels carry
+    v = 0 and are cut from o and the final state (the caller's scale already uses the true K)."""
+    key_dim, value_dim = q.shape[-1], v.shape[-1]
+    key_pad, value_pad = _dot_dim(key_dim) - key_dim, _dot_dim(value_dim) - value_dim
+    last = lambda x, pad: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])  # noqa: E731
+    if initial_state is not None:
+        initial_state = jnp.pad(initial_state, ((0, 0), (0, 0), (0, key_pad), (0, value_pad)))
+    o, final_state = kernel(last(q, key_pad), last(k, key_pad), last(v, value_pad), last(g, key_pad),
+                            initial_state=initial_state)
+    return o[..., :value_dim], final_state[:, :, :key_dim, :value_dim]
+
+
 def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, config=None):
     """Chunked GLA, forward and backward as Pallas Triton kernels.
 
     Args:
       q, k, g: [B, T, H, K]; v: [B, T, H, V]; q, k, v one float dtype (bf16 or f32), g any float dtype.
-        K and V must be powers of two >= 16 (Triton dot tiles).
+        K and V other than powers of two >= 16 (Triton dot tiles) are zero-padded to the next one.
       scale: multiplies q.
       initial_state: [B, H, K, V] float32 or None (zeros).
       reverse: scan from token T-1 down to token 0.
@@ -583,12 +603,11 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
       (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32). Differentiable w.r.t. q, k, v, g and
       initial_state, with cotangents for both outputs.
     """
-    batch, seq_len, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    for name, dim in (("K (q.shape[-1])", key_dim), ("V (v.shape[-1])", value_dim)):
-        if not _is_dot_dim(dim):
-            raise ValueError(f"impl='pallas' on GPU needs {name} to be a power of two >= {_MIN_DOT_DIM}, got {dim}; "
-                             "use impl='xla' for other head sizes")
+    key_dim, value_dim = q.shape[-1], v.shape[-1]
+    if not (_is_dot_dim(key_dim) and _is_dot_dim(value_dim)):
+        return _with_dot_dims(q, k, v, g, initial_state, functools.partial(
+            gla_triton, scale=scale, reverse=reverse, interpret=interpret, config=config))
+    batch, seq_len, heads, _ = q.shape
     config = config or TritonConfig()
     value_block = config.value_block or value_dim
     if not (_is_dot_dim(value_block) and value_dim % value_block == 0):

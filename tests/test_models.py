@@ -165,3 +165,9 @@ def test_bad_inputs_and_names_are_rejected():
     model = create_model("DiT-S/2", rngs=nnx.Rngs(0), **TINY)
     with pytest.raises(ValueError, match="NHWC"):
         model(jnp.zeros((1, 4, 8, 8)), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
+
+
+@pytest.mark.parametrize("option", ["gla_impl", "conv_impl"])
+def test_unknown_kernel_impl_is_refused_when_the_model_is_built(option):
+    with pytest.raises(ValueError, match=f"{option} must be 'auto' or one of"):
+        create_model("DiG-S/2", rngs=nnx.Rngs(0), **{**TINY, option: "foo"})

@@ -29,7 +29,7 @@ from dig_jax.models.layers import (
     scaled_xavier_uniform,
     zeros,
 )
-from pallas_kernels import chunk_gla, depthwise_conv3x3
+from pallas_kernels import CONV_IMPLS, GLA_IMPLS, chunk_gla, depthwise_conv3x3
 
 GLA_INIT_GAIN = 2 ** -2.5  # fla's init for every projection inside the GLA layer
 GATE_LOW_RANK = 16
@@ -190,6 +190,9 @@ class DiG(ConditionedBackbone):
     def __init__(self, config: DiGConfig, *, rngs: nnx.Rngs):
         if config.skip and config.depth % 2:
             raise ValueError(f"the U-shape (skip) variant needs an even depth, got depth={config.depth}")
+        for name, impls in (("gla_impl", GLA_IMPLS), ("conv_impl", CONV_IMPLS)):
+            if getattr(config, name) not in ("auto", *impls):
+                raise ValueError(f"{name} must be 'auto' or one of {sorted(impls)}, got {getattr(config, name)!r}")
         super().__init__(config, rngs=rngs)
         self.blocks = nnx.List([DiGBlock(config, i, rngs=rngs, dtype=self.compute_dtype)
                                 for i in range(config.depth)])
