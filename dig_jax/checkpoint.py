@@ -34,14 +34,14 @@ class Checkpointer:
         """Starts saving `state` (and the loader's position) as `step`; returns before the write finishes."""
         items = {"state": ocp.args.StandardSave(state)}
         if loader is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(loader.grain_iterator)
+            items["data"] = grain.checkpoint.CheckpointSave(loader)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state: dict, loader=None) -> dict:
         """Restores `step` into the structure, dtypes and shardings of `abstract_state` (and the loader)."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if loader is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(loader.grain_iterator)
+            items["data"] = grain.checkpoint.CheckpointRestore(loader)
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
         except Exception as error:  # orbax raises many types for unreadable or mismatched files

@@ -30,7 +30,8 @@ def base_config() -> ConfigDict:
     c.data.image_size = 256
     c.data.random_flip = True
     c.data.worker_count = 0
-    c.data.read_threads = 16        # record-reading threads per process; 0 reads in the training loop's thread
+    c.data.read_threads = 16        # record-reading threads per process; 0 reads in the loader's own thread
+    c.data.prefetch = 2             # batches a background thread reads ahead of the training loop (0: on demand)
     c.data.kwargs = ConfigDict()    # dataset constructor options, e.g. data_dir, num_images
 
     c.vae = ConfigDict()            # latent space: a diffusers AutoencoderKL folder (config.json + safetensors)

@@ -1,5 +1,7 @@
 """The "shapes" dataset, the dataset registry, the grain loader (sharding, epochs, flips, state) and global batches."""
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -150,6 +152,29 @@ def test_restored_state_continues_with_the_same_batches():
         np.testing.assert_array_equal(actual["image"], batch["image"])
     with pytest.raises(ValueError, match="[Ss]ampler"):
         make_loader(source, **{**kwargs, "seed": 12}).set_state(state)
+
+
+def test_read_ahead_saves_the_position_of_the_batches_handed_out():
+    """With batches read ahead in the background, the saved position is still right after the last batch the
+    caller took, and a loader reading on demand continues from it with the same batches."""
+    source = IndexSource(64)
+    kwargs = {"global_batch_size": 4, "seed": 3, "shard_index": 0, "shard_count": 1}
+    ahead = make_loader(source, **kwargs, prefetch=4)
+    on_demand = make_loader(source, **kwargs, prefetch=0)
+    assert _labels(ahead, 3) == _labels(on_demand, 3)
+    deadline = time.monotonic() + 10
+    while ahead._reader._queue.qsize() < 4 and time.monotonic() < deadline:  # the reader is 4 batches ahead
+        time.sleep(0.01)
+    assert ahead._reader._queue.qsize() == 4
+    state = ahead.get_state()
+    assert state == on_demand.get_state()
+    expected = _labels(on_demand, 5)
+    restored = make_loader(source, **kwargs, prefetch=0)
+    restored.set_state(state)
+    assert _labels(restored, 5) == expected == _labels(ahead, 5)
+    ahead.set_state(state)  # stops the reader and drops what it read ahead
+    assert _labels(ahead, 2) == expected[:2]
+    ahead.close()
 
 
 def test_sources_need_a_stable_repr():

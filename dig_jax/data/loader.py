@@ -7,6 +7,8 @@ batches into arrays sharded over the mesh.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -35,27 +37,92 @@ class Loader(Iterator[dict[str, np.ndarray]]):
     """Endless (or `num_epochs`-long) iterator of per-host batches with a restorable position.
 
     `next(loader)` -> {"image": float32 [local_batch_size, H, W, 3] in [-1, 1], "label": int32 [local_batch_size]}.
+
+    With prefetch > 0 a background thread reads up to that many batches ahead, so that reading overlaps the
+    training loop's own host work (dispatching the step, logging) instead of adding to it. The position saved
+    and restored (`get_state`) is always that of the batches handed out, not of those read ahead.
     """
 
-    def __init__(self, data_loader: grain.DataLoader, local_batch_size: int):
+    def __init__(self, data_loader: grain.DataLoader, local_batch_size: int, prefetch: int = 2):
         self.local_batch_size = local_batch_size
         self._iterator = iter(data_loader)
+        self._state = self._iterator.get_state()  # after the batches handed out so far
+        self._prefetch = prefetch
+        self._reader = None
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
+        if not self._prefetch:
+            batch = next(self._iterator)
+            self._state = self._iterator.get_state()
+            return batch
+        self.start_prefetch()
+        batch, self._state = self._reader.next()
+        return batch
 
-    @property
-    def grain_iterator(self):
-        """The underlying grain iterator: what `grain.checkpoint.CheckpointSave/Restore` take to save positions."""
-        return self._iterator
+    def start_prefetch(self) -> None:
+        """Starts reading ahead now rather than at the first `next` (grain's checkpoint handler calls it after
+        restoring a position)."""
+        self._iterator.start_prefetch()
+        if self._prefetch and self._reader is None:
+            self._reader = _ReadAhead(self._iterator, self._prefetch)
 
     def get_state(self) -> bytes:
         """This host's position in the stream (grain's JSON state). Every host has its own: save one per process."""
-        return self._iterator.get_state()
+        return self._state
 
     def set_state(self, state: bytes) -> None:
         """Continues from a state returned by `get_state` of a loader built with the same arguments."""
+        self.close()
         self._iterator.set_state(state)
+        self._state = self._iterator.get_state()
+
+    def close(self) -> None:
+        """Stops reading ahead (what was read ahead is dropped; the position stays that of the batches handed out)."""
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
+
+
+class _ReadAhead:
+    """A daemon thread that pulls (batch, iterator state after it) pairs into a bounded queue."""
+
+    _END = object()
+
+    def __init__(self, iterator, depth: int):
+        self._iterator = iterator
+        self._queue = queue.Queue(maxsize=depth)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="data-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                item = (next(self._iterator), self._iterator.get_state())
+            except StopIteration:
+                item = self._END
+            except Exception as error:  # handed to the consumer, which raises it in the training loop
+                item = error
+            while not self._stopped.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(item, tuple):
+                return
+
+    def next(self):
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
 
 
 def make_loader(
@@ -70,6 +137,7 @@ def make_loader(
     read_threads: int = 16,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    prefetch: int = 2,
 ) -> Loader:
     """Builds this host's loader over `source`.
 
@@ -87,6 +155,7 @@ def make_loader(
         but contention for the GIL and the cores.
       shard_index: this host's shard; defaults to `jax.process_index()`.
       shard_count: number of shards; defaults to `jax.process_count()`.
+      prefetch: batches read ahead by a background thread (0: read in the calling thread, on demand).
 
     Each host gets an equal, disjoint slice of the records (the remainder is dropped) and yields only full
     batches of `global_batch_size // shard_count` examples.
@@ -124,7 +193,7 @@ def make_loader(
         shard_options=shard_options,
         read_options=grain.ReadOptions(num_threads=read_threads),
     )
-    return Loader(data_loader, local_batch_size)
+    return Loader(data_loader, local_batch_size, prefetch)
 
 
 def to_global_batch(local_batch: Any, sharding: jax.sharding.Sharding) -> Any:
