@@ -59,7 +59,9 @@ def base_config() -> ConfigDict:
     c.global_batch_size = 256
     c.num_steps = 400_000
     c.compute_dtype = "float32"     # "bfloat16": bf16 activations, float32 parameters and optimizer state
-    c.remat = False                 # recompute each block in the backward pass (less memory, ~30% more compute)
+    c.remat = "none"                # block rematerialisation (dig_jax.models.layers.REMAT_POLICIES): "none", "matmuls"
+                                    # (recompute the elementwise work: less memory, little time) or "full" (least
+                                    # memory, ~30% more compute)
 
     c.mesh = ConfigDict()
     c.mesh.data = -1                # data-parallel size; -1 = all devices left after fsdp

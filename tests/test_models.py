@@ -171,3 +171,24 @@ def test_bad_inputs_and_names_are_rejected():
 def test_unknown_kernel_impl_is_refused_when_the_model_is_built(option):
     with pytest.raises(ValueError, match=f"{option} must be 'auto' or one of"):
         create_model("DiG-S/2", rngs=nnx.Rngs(0), **{**TINY, option: "foo"})
+
+
+@pytest.mark.parametrize("name", ["DiG-S/2", "DiT-S/2"])
+def test_remat_policies_change_memory_not_gradients(name):
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    t, y = jnp.array([3, 700]), jnp.array([1, 5])
+
+    def grads(remat):
+        model = create_model(name, rngs=nnx.Rngs(0), remat=remat, **TINY)
+        for block in model.blocks:  # adaLN-Zero starts with zero gates: perturb so that every path carries gradient
+            kernel = block.adaLN_modulation.kernel
+            kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), kernel.shape)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        loss = lambda p: jnp.mean(jnp.square(nnx.merge(graphdef, p, rest)(x, t, y)))  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
+
+    expected = grads("none")
+    for remat in ("matmuls", "full"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads(remat), expected)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        grads("dots")

@@ -19,8 +19,10 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dig_jax.models.layers import (
+    SEQUENCE_MIXER_OUTPUT,
     BackboneConfig,
     ConditionedBackbone,
     layer_norm,
@@ -104,6 +106,7 @@ class GatedLinearAttention(nnx.Module):
         gate_logits = self.gk_proj_up(self.gk_proj_down(x)).astype(jnp.float32)
         log_forget = self._heads(jax.nn.log_sigmoid(gate_logits) / GATE_LOGIT_NORMALIZER)
         o, _ = chunk_gla(q, k, v, log_forget, reverse=reverse, impl=self.gla_impl)
+        o = checkpoint_name(o, SEQUENCE_MIXER_OUTPUT)
         o32 = o.astype(jnp.float32)
         o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), -1, keepdims=True) + 1e-6) * self.g_norm_weight[...]
         gate = self._heads(self.g_proj(x)).astype(jnp.float32)

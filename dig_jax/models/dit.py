@@ -5,8 +5,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from dig_jax.models.layers import BackboneConfig, ConditionedBackbone, layer_norm, linear, modulate, zeros
+from dig_jax.models.layers import (
+    SEQUENCE_MIXER_OUTPUT,
+    BackboneConfig,
+    ConditionedBackbone,
+    layer_norm,
+    linear,
+    modulate,
+    zeros,
+)
 
 ATTENTION_IMPLS = ("xla", "cudnn")
 
@@ -34,6 +43,7 @@ class Attention(nnx.Module):
         n, tokens, d = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(n, tokens, 3, self.num_heads, d // self.num_heads), 3, axis=2)
         o = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], implementation=self.implementation)
+        o = checkpoint_name(o, SEQUENCE_MIXER_OUTPUT)
         return self.proj(o.reshape(n, tokens, d))
 
 

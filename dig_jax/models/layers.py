@@ -148,7 +148,7 @@ class BackboneConfig:
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
     dtype: str | None = None      # compute dtype ("bfloat16"); parameters stay float32
-    remat: bool = False           # rematerialise each block in the backward pass
+    remat: str = "none"           # what each block keeps for the backward pass: see REMAT_POLICIES
 
 
 class ConditionedBackbone(nnx.Module):
@@ -185,8 +185,28 @@ class ConditionedBackbone(nnx.Module):
         return unpatchify(out, self.config.patch_size, self.out_channels).astype(jnp.float32)
 
     def block_runner(self):
-        """Calls a block as block(*args), rematerialised in the backward pass when config.remat."""
-        return nnx.remat(_call) if self.config.remat else _call
+        """Calls a block as block(*args), rematerialised in the backward pass as config.remat says."""
+        if self.config.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.config.remat!r}")
+        if self.config.remat == "none":
+            return _call
+        return nnx.remat(_call, policy=REMAT_POLICIES[self.config.remat])
+
+
+SEQUENCE_MIXER_OUTPUT = "sequence_mixer_output"  # checkpoint name of the attention / GLA output of a block
+
+# config.remat -> jax.checkpoint policy of each block:
+#   "none"      keep every intermediate the backward pass reads (fastest, most memory);
+#   "matmuls"   keep the outputs of the matmuls and of the attention/GLA op, recompute the elementwise work
+#               between them (norms, modulation, gates, activations: memory-bound and cheap to redo);
+#   "full"      keep only each block's input and recompute the whole block (least memory).
+REMAT_POLICIES = {
+    "none": None,
+    "matmuls": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(SEQUENCE_MIXER_OUTPUT)),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def _call(block, *args):
