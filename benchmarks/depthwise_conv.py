@@ -1,0 +1,89 @@
+"""depthwise_conv3x3 on the GPU: accuracy of each implementation against float32 XLA convolution, and the time
+of forward + backward (dx, filter and bias gradients) at DiG's shapes, with the HBM floor.
+
+    python benchmarks/depthwise_conv.py --out conv.jsonl
+
+Shapes (N, grid, D): DiG-S/2 and DiG-XL/2 at 256 px (batch 32, 16x16 tokens), DiG-S/2 at 1792 px and DiG-XL/2 at
+2048 px (batch 1). The floor counts x and dy read once and y and dx written once at --hbm_tbps. Prints a table last.
+"""
+
+import argparse
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.depthwise_conv import IMPLS
+
+SHAPES = {"S/256": (32, 16, 384), "XL/256": (32, 16, 1152), "S/1792": (1, 112, 384), "XL/2048": (1, 128, 1152)}
+
+
+def _inputs(key, n, grid, d, dtype):
+    keys = jax.random.split(key, 4)
+    x = jax.random.normal(keys[0], (n, grid * grid, d), jnp.float32).astype(dtype)
+    kernel, bias = jax.random.normal(keys[1], (3, 3, d)), jax.random.normal(keys[2], (d,))
+    return x, kernel, bias, jax.random.normal(keys[3], x.shape, jnp.float32).astype(dtype)
+
+
+def _value_and_grads(impl, grid, x, kernel, bias, dy):
+    y, vjp = jax.vjp(functools.partial(IMPLS[impl], grid_width=grid), x, kernel, bias)
+    return (y, *vjp(dy))
+
+
+def accuracy(impl, shape, dtype):
+    """Worst relative L2 error over (y, dx, dkernel, dbias) against the float32 convolution on the same inputs."""
+    n, grid, d = shape
+    args = _inputs(jax.random.key(n * grid + d), n, grid, d, dtype)
+    ours = jax.jit(functools.partial(_value_and_grads, impl, grid))(*args)
+    upcast = [a.astype(jnp.float32) for a in args]
+    exact = jax.jit(functools.partial(_value_and_grads, "conv", grid))(*upcast)
+    return max(float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b)) for a, b in zip(ours, exact))
+
+
+def time_ms(impl, shape, dtype, repeats=50):
+    n, grid, d = shape
+    sets = [_inputs(jax.random.key(i), n, grid, d, dtype) for i in range(4)]  # rotate: no cache-resident reuse
+    step = jax.jit(functools.partial(_value_and_grads, impl, grid))
+    jax.block_until_ready(step(*sets[0]))
+    times = []
+    for i in range(repeats):
+        args = sets[i % len(sets)]
+        jax.block_until_ready(args)
+        start = time.perf_counter()
+        jax.block_until_ready(step(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impls", default="pallas,conv,shifted")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--hbm_tbps", type=float, default=4.8, help="HBM bandwidth for the floor (H200: 4.8)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = []
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        n, grid, d = shape
+        floor_ms = 4 * n * grid * grid * d * 2 / (args.hbm_tbps * 1e12) * 1e3
+        for impl in args.impls.split(","):
+            row = {"shape": name, "impl": impl, "floor_ms": floor_ms,
+                   "err_bf16": accuracy(impl, shape, jnp.bfloat16), "err_f32": accuracy(impl, shape, jnp.float32),
+                   "fwd_bwd_ms": time_ms(impl, shape, jnp.bfloat16), "device": jax.devices()[0].device_kind}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print(f"\n{'shape':8} {'impl':8} {'fwd+bwd ms':>10} {'floor ms':>9} {'x floor':>8} {'err bf16':>9} {'err f32':>9}")
+    for r in rows:
+        print(f"{r['shape']:8} {r['impl']:8} {r['fwd_bwd_ms']:10.3f} {r['floor_ms']:9.3f} "
+              f"{r['fwd_bwd_ms'] / r['floor_ms']:8.1f} {r['err_bf16']:9.2e} {r['err_f32']:9.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The real trainer's images/s (`dig_jax.train.train`: data loading, stepping, logging) against its jitted step alone.
+
+    python benchmarks/train_loop.py --models DiG-S/2,DiG-XL/2 --datasets shapes,latents --out loop.jsonl
+
+Per (model, dataset), in its own process: (1) the training loop runs `--steps` steps into a fresh workdir and the
+images/s it logs are read back from metrics.jsonl (the first interval, which holds compilation, is dropped);
+(2) the same config's jitted step (`build_trainer`) runs as many steps back to back on one batch already on the
+device, as the loop dispatches them. The ratio (1)/(2) is what the input pipeline and the loop's host work cost.
+Datasets: "shapes" (the built-in images, 32 px, pixel space) and "latents" (32x32x4 latents, as for 256 px
+ImageNet, written here as random moments in the format `python -m dig_jax.encode` writes). bf16 compute.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def write_random_latents(directory: str, num_records: int, latent_size: int = 32, num_classes: int = 1000) -> None:
+    """A complete latent dir of random moments (mean, log-variance) with flipped views, in dig_jax.latents' format."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from dig_jax.latents import LatentLayout, serialize_records, write_metadata
+
+    layout = LatentLayout(split="train", num_records=num_records, shard_size=num_records // 4, image_size=256,
+                          latent_shape=(latent_size, latent_size, 4), dtype="float16", flipped=True,
+                          scaling_factor=0.18215, shift_factor=None, source="random moments (benchmark)",
+                          vae_config={}, vae_sha256="0" * 64)
+    rng = np.random.default_rng(0)
+    for shard in range(layout.num_shards):
+        indices = layout.shard_range(shard)
+        moments = rng.standard_normal((len(indices), *layout.moments_shape), np.float32)
+        moments[..., 4:] = -2.0  # log-variance
+        writer = ArrayRecordWriter(os.path.join(directory, layout.shard_name(shard)), "group_size:1")
+        for record in serialize_records(layout, moments, rng.integers(0, num_classes, len(indices))):
+            writer.write(record)
+        writer.close()
+    write_metadata(directory, layout, complete=True)
+
+
+def case_config(model_name: str, dataset: str, data_dir: str, steps: int, batch: int, steps_per_call: int):
+    from dig_jax.config_base import base_config
+
+    c = base_config()
+    c.model.name = model_name
+    c.model.options = {}
+    c.compute_dtype = "bfloat16"
+    c.global_batch_size = batch
+    c.num_steps = steps
+    c.steps_per_call = steps_per_call
+    c.log_every = max(steps // 10 // steps_per_call, 1) * steps_per_call
+    c.checkpoint_every = steps
+    c.sample.per_class = 0
+    if dataset == "shapes":
+        c.data.name, c.data.space, c.data.image_size = "shapes", "pixel", 32
+        c.model.input_size, c.model.in_channels, c.model.num_classes = 32, 3, 12
+        c.data.read_threads = 0  # computed in memory: threads only compete for the interpreter
+    else:
+        c.data.name, c.data.space, c.data.image_size = "latents", "latent", 256
+        c.data.kwargs = {"data_dir": data_dir}
+    return c
+
+
+def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_call: int) -> dict:
+    import jax
+
+    from dig_jax.sharding import make_mesh
+    from dig_jax.train import build_trainer, freeze_long_lived_objects, next_batches, train
+
+    with tempfile.TemporaryDirectory() as scratch:
+        data_dir = os.path.join(scratch, "latents")
+        if dataset == "latents":
+            os.makedirs(data_dir)
+            write_random_latents(data_dir, num_records=8 * batch * steps_per_call + 1000)
+        config = case_config(model_name, dataset, data_dir, steps, batch, steps_per_call)
+        workdir = os.path.join(scratch, "run")
+        started = time.perf_counter()
+        train(config, workdir)
+        loop_s = time.perf_counter() - started
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            logged = [json.loads(line)["images_per_second"] for line in f][1:]
+
+        # The same step alone: one batch from the same pipeline, placed once, stepped back to back.
+        from dig_jax.data import create_dataset, make_loader, to_global_batch
+
+        trainer = build_trainer(config, make_mesh())
+        source = create_dataset(config.data.name, split="train", image_size=config.data.image_size,
+                                **config.data.kwargs.to_dict())
+        loader = make_loader(source, global_batch_size=batch, seed=0, read_threads=config.data.read_threads)
+        batches = to_global_batch(next_batches(loader, steps_per_call), trainer.data_sharding)
+        loader.close()
+        state = trainer.initial_state()
+        state, metrics = trainer.train_steps(state, batches, trainer.space.frozen)
+        jax.block_until_ready(metrics)
+        freeze_long_lived_objects()
+        calls = max(steps // steps_per_call // 2, 5)
+        started = time.perf_counter()
+        for _ in range(calls):
+            state, metrics = trainer.train_steps(state, batches, trainer.space.frozen)
+        jax.block_until_ready(metrics)
+        step_images_per_s = calls * steps_per_call * batch / (time.perf_counter() - started)
+    loop_images_per_s = float(np.median(logged))
+    return {"loop_images_per_s": loop_images_per_s, "step_images_per_s": step_images_per_s,
+            "ratio": loop_images_per_s / step_images_per_s, "loop_wall_s": loop_s,
+            "device": jax.devices()[0].device_kind}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="DiG-S/2,DiG-XL/2")
+    parser.add_argument("--datasets", default="shapes,latents")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", default="DiG-S/2=400,DiG-XL/2=100",
+                        help="steps per model (name=steps, comma list); other models 100")
+    parser.add_argument("--steps_per_call", type=int, default=1)
+    parser.add_argument("--timeout", type=int, default=400, help="seconds per case")
+    parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args()
+    steps = dict(item.split("=") for item in args.steps.split(",") if item)
+
+    if args.case:
+        model_name, dataset = args.case.split("|")
+        result = run_case(model_name, dataset, int(steps.get(model_name, 100)), args.batch, args.steps_per_call)
+        print(json.dumps(result))
+        return
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    rows = []
+    for model_name in args.models.split(","):
+        for dataset in args.datasets.split(","):
+            command = [sys.executable, __file__, "--case", f"{model_name}|{dataset}", "--batch", str(args.batch),
+                       "--steps", args.steps, "--steps_per_call", str(args.steps_per_call)]
+            row = {"model": model_name, "dataset": dataset, "batch": args.batch, "steps_per_call": args.steps_per_call}
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+                row.update(json.loads(lines[-1]) if lines else {"error": done.stderr.splitlines()[-3:]})
+            except subprocess.TimeoutExpired:
+                row["error"] = f"timeout after {args.timeout}s"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print(f"\n{'model':9} {'dataset':8} {'batch':>5} {'per call':>8} {'loop img/s':>10} {'step img/s':>10} "
+          f"{'ratio':>6}")
+    for r in rows:
+        head = f"{r['model']:9} {r['dataset']:8} {r['batch']:>5} {r['steps_per_call']:>8}"
+        print(f"{head}  error: {r['error']}" if "error" in r else
+              f"{head} {r['loop_images_per_s']:10.1f} {r['step_images_per_s']:10.1f} {r['ratio']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
