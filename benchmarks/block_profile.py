@@ -64,14 +64,15 @@ def time_block(block, h, c, repeats):
     return 1e3 * float(np.median(times))
 
 
-def profile_dig(model_name, batch, grid, repeats):
+def profile_dig(model_name, batch, grid, repeats, blocks=(0, 1, 2, 3)):
     model = create_model(model_name, input_size=grid * 2, depth=4, dtype="bfloat16", gla_impl="pallas",
                          conv_impl="pallas", rngs=nnx.Rngs(0))
     d = model.config.hidden_size
     h = jax.random.normal(jax.random.key(0), (batch, grid * grid, d), jnp.bfloat16)
     c = jax.random.normal(jax.random.key(1), (batch, d), jnp.bfloat16)
     rows = []
-    for index, block in enumerate(model.blocks):
+    for index in blocks:
+        block = model.blocks[index]
         for ablation, patches in ABLATIONS.items():
             saved = {name: getattr(dig_module, name) for name in patches}
             for name, replacement in patches.items():
@@ -105,10 +106,12 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--grid", type=int, default=16, help="token grid side (16 = 256 px with patch 2)")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--blocks", default="0,1,2,3", help="scan orders to time (block indices 0-3)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     name = SIZES[args.model]
-    rows = profile_dig(name, args.batch, args.grid, args.repeats)
+    blocks = [int(index) for index in args.blocks.split(",")]
+    rows = profile_dig(name, args.batch, args.grid, args.repeats, blocks)
     rows += profile_dit(name.replace("DiG", "DiT"), args.batch, args.grid, args.repeats)
     for row in rows:
         row.update(model=name, batch=args.batch, grid=args.grid, device=jax.devices()[0].device_kind)
@@ -119,7 +122,7 @@ def main():
     print(f"\n{name} blocks, batch {args.batch}, {args.grid}x{args.grid} tokens: fwd+bwd ms "
           "(component = whole - without)")
     print(f"{'block':>6} {'whole':>7} " + " ".join(f"{a:>9}" for a in list(ABLATIONS)[1:] + ["gla_gate"]))
-    for index in range(4):
+    for index in blocks:
         costs = [whole[index] - r["ms"] for r in rows if r["block"] == index and r["without"] != "whole"]
         print(f"{index:>6} {whole[index]:7.3f} " + " ".join(f"{cost:9.3f}" for cost in costs))
     print(f"{'DiT':>6} {whole['DiT']:7.3f}")

@@ -18,8 +18,8 @@ def main():
     results = {}
     for impl in ("auto", "xla"):
         model = create_model("DiG-XL/2-paper", rngs=nnx.Rngs(0), gla_impl=impl, dtype="bfloat16")
-        for block in model.blocks:  # adaLN-Zero gates start at zero: open them so the GLA paths carry signal
-            kernel = block.adaLN_modulation.kernel
+        # adaLN-Zero gates and the final layer start at zero: open them so the output depends on the GLA paths.
+        for kernel in [block.adaLN_modulation.kernel for block in model.blocks] + [model.final_layer.linear.kernel]:
             kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), kernel.shape)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
