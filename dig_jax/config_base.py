@@ -85,6 +85,13 @@ def base_config() -> ConfigDict:
     c.sample.num_steps = 250
     c.sample.sampler = "ddpm"
     c.sample.cfg_scale = 1.0
+
+    c.eval = ConfigDict()           # FID during training (dig_jax/evaluation/training.py, docs/evaluation.md)
+    c.eval.every = 0                # steps between evaluations (a multiple of steps_per_call); 0: off
+    c.eval.num_images = 5_000       # samples per evaluation, drawn with config.sample's sampler, steps and guidance
+    c.eval.batch_size = 64          # images per sampling and Inception call
+    c.eval.reference = ""           # ADM-layout reference npz: mu, sigma, mu_s, sigma_s and/or arr_0 images
+    c.eval.inception_weights = ""   # pytorch-fid's pt_inception-2015-12-05-*.pth or its .safetensors conversion
     return c
 
 

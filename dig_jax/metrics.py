@@ -55,6 +55,21 @@ class MetricsLogger:
             self._jsonl.flush()
         return scalars
 
+    def write_eval(self, step: int, scalars: dict) -> None:
+        """Logs evaluation scalars (e.g. FID) at `step` as eval/<name> in TensorBoard and metrics.jsonl.
+
+        Their "seconds" (the evaluation's duration) are left out of the training throughput and ETA.
+        """
+        self._last_time += scalars.get("seconds", 0.0)
+        if not self.is_main:
+            return
+        print(f"eval step {step} | " + " | ".join(f"{name} {value:.4g}" for name, value in scalars.items()),
+              flush=True)
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(f"eval/{name}", value, step)
+        self._jsonl.write(json.dumps({"step": step, **{f"eval/{name}": v for name, v in scalars.items()}}) + "\n")
+        self._jsonl.flush()
+
     def _print(self, step: int, s: dict) -> None:
         parts = [f"step {step}/{self.total_steps}", f"loss {s['loss']:.4f}", f"mse {s['mse']:.4f}",
                  f"vb {s['vb']:.4f}", f"|g| {s['grad_norm']:.3f}", f"lr {s['learning_rate']:.2e}"]

@@ -28,6 +28,7 @@ from dig_jax import distributed
 from dig_jax.config_base import model_from_config
 from dig_jax.data import create_dataset, make_loader, to_global_batch
 from dig_jax.diffusion import create_diffusion, sample_timesteps
+from dig_jax.evaluation.training import TrainingEvaluator, check_eval_config
 from dig_jax.images import make_grid, save_png, to_uint8
 from dig_jax.latents import DataSpace, check_data_space, data_space
 from dig_jax.metrics import MetricsLogger
@@ -65,6 +66,7 @@ def validate_config(config: ConfigDict) -> None:
                           f"{jax.device_count()} devices")
     try:  # data space, data dir, VAE folder and latent shapes (reads metadata and config files only)
         check_data_space(config)
+        check_eval_config(config)  # in-training FID: its files exist and its keys fit (file headers only)
     except ValueError as error:
         raise ConfigError(str(error)) from error
 
@@ -218,6 +220,13 @@ def check_finite(step: int, metrics: dict, checkpointer: ckpt.Checkpointer) -> N
             f"config.optimizer.grad_clip_norm.")
 
 
+def host_ema(state: dict):
+    """The EMA parameters on the host. FSDP may spread them over several processes: every process must call this."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(state["ema"], tiled=True)
+    return jax.device_get(state["ema"])
+
+
 def save_sample_grid(config: ConfigDict, model: nnx.Module, ema_params, workdir: str, step: int,
                      decode=None) -> str:
     """Samples `config.sample.per_class` images of every class with the EMA weights into samples_<step>.png.
@@ -255,6 +264,10 @@ def train(config: ConfigDict, workdir: str) -> dict:
     trainer = build_trainer(config, mesh)
     state = trainer.initial_state()
     space, data_sharding = trainer.space, trainer.data_sharding
+    try:  # loads the Inception weights and the reference statistics before the first step
+        evaluator = TrainingEvaluator(config, space.decode) if config.eval.every else None
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
     source = create_dataset(config.data.name, split=config.data.split, image_size=config.data.image_size,
                             **config.data.kwargs.to_dict())
@@ -296,6 +309,9 @@ def train(config: ConfigDict, workdir: str) -> dict:
                     checkpointer.save(step, state, loader)
                 elif step % config.log_every == 0:
                     check_finite(step, logged, checkpointer)
+                if evaluator is not None and step % config.eval.every == 0 and not stopping:
+                    nnx.update(trainer.model, host_ema(state))  # every process samples the same images
+                    logger.write_eval(step, evaluator(trainer.model))
                 if stopping:
                     print(f"{stop.signal or 'a signal on another process'} received: saved step {step} to "
                           f"{checkpointer.directory}; rerun the same command to resume.", flush=True)
@@ -304,9 +320,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
             checkpointer.close()
             logger.close()
     if not stopping and config.sample.per_class:
-        # FSDP may spread the EMA over several processes: every process takes part in gathering it.
-        ema = (multihost_utils.process_allgather(state["ema"], tiled=True) if jax.process_count() > 1
-               else jax.device_get(state["ema"]))
+        ema = host_ema(state)
         if is_main:
             path = save_sample_grid(config, trainer.model, ema, workdir, int(state["step"]), space.decode)
             print(f"Wrote EMA samples to {path}", flush=True)
