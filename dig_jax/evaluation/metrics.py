@@ -5,8 +5,8 @@
     # {"fid": ..., "sfid": ..., "inception_score": ..., "precision": ..., "recall": ..., ...}
 
 Definitions follow ADM's evaluator (guided-diffusion evaluations/evaluator.py):
-  - FID / sFID: Frechet distance of Gaussians fitted (mean, np.cov) to the pool / spatial features; ADM's
-    scipy sqrtm with the same singular-product fallback.
+  - FID / sFID: Frechet distance of Gaussians fitted (mean, np.cov) to the pool / spatial features (the trace
+    of the covariance product's square root through symmetric eigendecompositions, see `frechet_distance`).
   - Inception Score: exp(E KL(p(y|x) || p(y))) of softmax(logits) (logits without the classifier bias) in splits of
     5000 samples (10 splits of 50K samples), averaged.
   - Precision / recall: k = 3 nearest-neighbour manifolds of the pool features (radius = squared distance to the
@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import functools
 import io
-import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 
@@ -31,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from scipy import linalg
 
 from dig_jax.evaluation.inception import FEATURE_SIZE, SPATIAL_FEATURE_SIZE, InceptionV3
 from dig_jax.images import atomic_write_bytes
@@ -71,23 +69,23 @@ class Statistics:
         return cls(features.mean(axis=0), np.cov(features, rowvar=False))
 
 
-def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
-    """||mu_a - mu_b||^2 + tr(sigma_a + sigma_b - 2 (sigma_a sigma_b)^(1/2)), as ADM (and TTUR) compute it."""
+def frechet_distance(a: Statistics, b: Statistics) -> float:
+    """||mu_a - mu_b||^2 + tr(sigma_a) + tr(sigma_b) - 2 tr((sigma_a sigma_b)^(1/2)): ADM's (and TTUR's) FID.
+
+    ADM takes the trace of scipy's sqrtm(sigma_a sigma_b). The same trace is the sum of the square roots of the
+    eigenvalues of sigma_a^(1/2) sigma_b sigma_a^(1/2), a symmetric PSD matrix similar to sigma_a sigma_b: two
+    symmetric eigendecompositions, tens of times faster at 2048 dimensions, with no complex round-off and no
+    singular-matrix fallback to add (round-off below zero is clipped).
+    """
     if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
         raise EvaluationError(f"statistics of different feature sizes: mu {a.mu.shape} vs {b.mu.shape}, "
                               f"sigma {a.sigma.shape} vs {b.sigma.shape}")
     diff = a.mu - b.mu
-    covmean, _ = linalg.sqrtm(a.sigma.dot(b.sigma), disp=False)
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"Frechet distance: singular covariance product; adding {eps} to the diagonals")
-        offset = np.eye(a.sigma.shape[0]) * eps
-        covmean = linalg.sqrtm((a.sigma + offset).dot(b.sigma + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise EvaluationError(f"Frechet distance: the covariance square root has an imaginary component of "
-                                  f"{np.max(np.abs(covmean.imag)):.3g}")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+    eigenvalues, eigenvectors = np.linalg.eigh(a.sigma)
+    root_a = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    product = root_a @ b.sigma @ root_a
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+    return float(diff.dot(diff) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * trace_sqrt)
 
 
 def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
