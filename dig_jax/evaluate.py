@@ -18,8 +18,14 @@ import sys
 import time
 
 from dig_jax.data import create_dataset
-from dig_jax.evaluation import (EvaluationError, FeatureExtractor, InceptionWeightsError, evaluate, load_inception,
-                                write_reference)
+from dig_jax.evaluation import (
+    EvaluationError,
+    FeatureExtractor,
+    InceptionWeightsError,
+    evaluate,
+    load_inception,
+    write_reference,
+)
 from dig_jax.images import atomic_write_bytes
 
 IMAGE_DATASETS = ("shapes", "imagenet2012")  # the datasets of dig_jax.data whose records are images

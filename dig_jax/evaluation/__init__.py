@@ -9,9 +9,22 @@ Command line: `python -m dig_jax.evaluate` (docs/evaluation.md).
 
 from dig_jax.evaluation.convert_inception import InceptionWeightsError, load_inception
 from dig_jax.evaluation.inception import InceptionV3
-from dig_jax.evaluation.metrics import (EvaluationError, FeatureExtractor, Features, Reference, Statistics, evaluate,
-                                        frechet_distance, inception_score, load_reference, manifold_radii,
-                                        precision_recall, read_image_batches, sample_metrics, write_reference)
+from dig_jax.evaluation.metrics import (
+                                        EvaluationError,
+                                        FeatureExtractor,
+                                        Features,
+                                        Reference,
+                                        Statistics,
+                                        evaluate,
+                                        frechet_distance,
+                                        inception_score,
+                                        load_reference,
+                                        manifold_radii,
+                                        precision_recall,
+                                        read_image_batches,
+                                        sample_metrics,
+                                        write_reference,
+)
 
 __all__ = ["EvaluationError", "FeatureExtractor", "Features", "InceptionV3", "InceptionWeightsError", "Reference",
            "Statistics", "evaluate", "frechet_distance", "inception_score", "load_inception", "load_reference",

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dig_jax.evaluation.inception import FEATURE_SIZE, SPATIAL_FEATURE_SIZE, InceptionV3
 from dig_jax.images import atomic_write_bytes

@@ -19,8 +19,14 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from dig_jax.evaluation.convert_inception import SUFFIXES, load_inception
-from dig_jax.evaluation.metrics import (STATISTICS_KEYS, FeatureExtractor, image_count, load_reference, npz_keys,
-                                        sample_metrics)
+from dig_jax.evaluation.metrics import (
+    STATISTICS_KEYS,
+    FeatureExtractor,
+    image_count,
+    load_reference,
+    npz_keys,
+    sample_metrics,
+)
 from dig_jax.images import to_uint8
 from dig_jax.sampling import generate
 
