@@ -195,6 +195,12 @@ def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = NEIGHBOURHOO
     return float(samples_in.mean()), float(ref_in.mean())
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _inception_features(graphdef, state, images):
+    # Compiled once per batch shape and sharding, shared by every extractor of the network.
+    return nnx.merge(graphdef, state)(images)
+
+
 class FeatureExtractor:
     """Inception features of uint8 image batches, `batch_size` images per compiled call.
 
@@ -212,8 +218,8 @@ class FeatureExtractor:
             devices = devices[:1]
         mesh = Mesh(np.array(devices), ("batch",))
         self._images_sharding = NamedSharding(mesh, P("batch"))
+        self._graphdef = graphdef
         self._state = jax.device_put(state, NamedSharding(mesh, P()))
-        self._apply = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
 
     def __call__(self, batches: Iterable[np.ndarray]) -> Features:
         """batches: uint8 [b <= batch_size, H, W, 3] arrays (any H, W, the same for all) -> their features."""
@@ -223,7 +229,8 @@ class FeatureExtractor:
             if len(batch) > self.batch_size:
                 raise EvaluationError(f"image batch of {len(batch)} exceeds the batch size {self.batch_size}")
             padded = np.pad(batch, ((0, self.batch_size - len(batch)), (0, 0), (0, 0), (0, 0)))
-            features = self._apply(self._state, jax.device_put(padded, self._images_sharding))
+            features = _inception_features(self._graphdef, self._state,
+                                           jax.device_put(padded, self._images_sharding))
             outputs.append({name: value[:len(batch)] for name, value in jax.device_get(features).items()})
         if not outputs:
             raise EvaluationError("no images to extract features from")
