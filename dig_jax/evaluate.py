@@ -39,10 +39,10 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--inception_weights", required=True,
                         help="pytorch-fid's pt_inception-2015-12-05-*.pth, or its .safetensors conversion")
     parser.add_argument("--batch_size", type=int, default=64, help="images per Inception call")
+    parser.add_argument("--out", help="also write the results as JSON to this file")
     evaluation = parser.add_argument_group("evaluate samples")
     evaluation.add_argument("--samples", help="npz with arr_0: uint8 [N, H, W, 3] samples")
     evaluation.add_argument("--reference", help="ADM reference batch: arr_0 images and/or mu, sigma, mu_s, sigma_s")
-    evaluation.add_argument("--out", help="also write the results as JSON to this file")
     evaluation.add_argument("--distance_dtype", choices=("float16", "float32"), default="float16",
                             help="precision/recall distances: float16 as ADM (float32 where it overflows)")
     reference = parser.add_argument_group("write reference statistics of a dataset")
@@ -67,6 +67,8 @@ def check_args(args: argparse.Namespace) -> None:
                 raise EvaluationError(f"--write_reference needs --{name}")
         if args.image_size < 1:
             raise EvaluationError(f"--image_size must be >= 1, got {args.image_size}")
+        if args.dataset == "imagenet2012" and not args.data_dir:
+            raise EvaluationError("--dataset imagenet2012 needs --data_dir (the TFDS data dir, docs/imagenet.md)")
     elif not (args.samples and args.reference):
         raise EvaluationError("pass --samples S.npz and --reference R.npz (or --write_reference PATH --dataset ...)")
 
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
     extractor = FeatureExtractor(load_inception(args.inception_weights), batch_size=args.batch_size)
     start = time.perf_counter()
     if args.write_reference:
-        kwargs = {"data_dir": args.data_dir} if args.data_dir else {}
+        kwargs = {"data_dir": args.data_dir} if args.dataset == "imagenet2012" else {}
         try:
             source = create_dataset(args.dataset, split=args.split, image_size=args.image_size, **kwargs)
         except ValueError as error:  # ImageNetDataError is one
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     results["seconds"] = time.perf_counter() - start
     line = json.dumps(results)
     print(line, flush=True)
-    if not args.write_reference and args.out:
+    if args.out:
         atomic_write_bytes(args.out, (line + "\n").encode())
     return results
 

@@ -240,24 +240,24 @@ def shapes_images(count, size=16, split="test"):
 def test_cli_writes_reference_and_evaluates(tmp_path, weights_file, capsys):
     reference, samples, out = tmp_path / "ref.npz", tmp_path / "samples.npz", tmp_path / "results.json"
     evaluate_main(["--write_reference", str(reference), "--dataset", "shapes", "--image_size", "16",
-                   "--num_images", "10", "--store_images", "10", "--inception_weights", weights_file,
+                   "--num_images", "8", "--store_images", "8", "--inception_weights", weights_file,
                    "--batch_size", "4"])
     with np.load(reference, allow_pickle=False) as arrays:
         assert sorted(arrays.files) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
-        assert arrays["arr_0"].shape == (10, 16, 16, 3) and arrays["sigma_s"].shape == (2023, 2023)
-    save_npz(str(samples), shapes_images(6))
+        assert arrays["arr_0"].shape == (8, 16, 16, 3) and arrays["sigma_s"].shape == (2023, 2023)
+    save_npz(str(samples), shapes_images(4))
     evaluate_main(["--samples", str(samples), "--reference", str(reference), "--inception_weights", weights_file,
                    "--batch_size", "4", "--out", str(out)])
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert results == json.loads(printed.strip().splitlines()[-1])
     assert f"FID: {results['fid']}" in printed and f"Recall: {results['recall']}" in printed
-    assert results["num_samples"] == 6 and results["num_reference_images"] == 10
+    assert results["num_samples"] == 4 and results["num_reference_images"] == 8
     assert results["fid"] > 0 and results["sfid"] > 0 and results["inception_score"] >= 1
     assert 0 <= results["precision"] <= 1 and 0 <= results["recall"] <= 1
 
     # The same reference as statistics only (no images for precision/recall) or as images only (statistics
-    # recomputed from the stored images: the written ones, since all 10 images were stored).
+    # recomputed from the stored images: the written ones, since all 8 images were stored).
     with np.load(reference, allow_pickle=False) as arrays:
         stored = {key: arrays[key] for key in ("mu", "sigma", "mu_s", "sigma_s")}
         np.savez(tmp_path / "stats.npz", **stored)
@@ -314,7 +314,7 @@ def test_fid_during_training(tmp_path, weights_file):
 
     reference = str(tmp_path / "shapes_16.npz")
     extractor = FeatureExtractor(load_inception(weights_file), batch_size=4)
-    write_reference(reference, ShapesDataset(split="train", image_size=16, num_images=8), extractor, num_images=8,
+    write_reference(reference, ShapesDataset(split="train", image_size=16, num_images=4), extractor, num_images=4,
                     store_images=0)
     workdir = str(tmp_path / "run")
     train(eval_config(weights_file, reference), workdir)

@@ -62,7 +62,7 @@ class BasicConv2d(nnx.Module):
         kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
         self.conv = nnx.Conv(in_channels, out_channels, kernel_size, strides=stride,
-                             padding=[(p, p) for p in padding], use_bias=False, rngs=rngs)
+                             padding=tuple((p, p) for p in padding), use_bias=False, rngs=rngs)
         self.bn = nnx.BatchNorm(out_channels, epsilon=BATCH_NORM_EPS, use_running_average=True, rngs=rngs)
 
     def __call__(self, x):
