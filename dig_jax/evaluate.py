@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except (EvaluationError, InceptionWeightsError, ImportError) as error:
+    except (EvaluationError, InceptionWeightsError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

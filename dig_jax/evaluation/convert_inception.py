@@ -72,8 +72,8 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
                                     f"pt_inception-2015-12-05-6726825d.pth (docs/evaluation.md) and pass its path")
     try:
         return load_torch_state_dict(path)
-    except ImportError:  # a .pth without PyTorch installed: its message says what to do
-        raise
+    except ImportError as error:  # a .pth without PyTorch installed: the message says what to do instead
+        raise InceptionWeightsError(f"Inception weights {path!r}: {error}") from error
     except Exception as error:  # torch's and safetensors' readers raise many kinds for a corrupt file
         raise InceptionWeightsError(f"Inception weights {path!r} could not be read as a state dict "
                                     f"({type(error).__name__}: {error})") from error
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         convert(args.input, args.output)
-    except (InceptionWeightsError, ImportError) as error:
+    except InceptionWeightsError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"Wrote {args.output}")
