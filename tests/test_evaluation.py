@@ -33,32 +33,12 @@ from dig_jax.images import save_npz
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _import_pytorch_fid_inception():
-    """pytorch_fid.inception, importable with a CPU-only PyTorch.
-
-    pytorch-fid builds on torchvision, whose registry wheels are CUDA builds: their compiled ops do not load
-    against a CPU PyTorch, and torchvision's import then fails registering fake kernels for two of them. The
-    Inception modules are plain Python, so defining those two op schemas (never called) lets it import.
-    """
-    torch = pytest.importorskip("torch")
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError:
-        for name in [name for name in sys.modules if name.startswith("torchvision")]:
-            del sys.modules[name]
-        library = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _import_pytorch_fid_inception.library = library  # the definitions live as long as the library object
-    return pytest.importorskip("pytorch_fid.inception")
-
-
 def pytorch_fid_network(seed: int):
     """pytorch-fid's fid_inception_v3 architecture (built as it builds it, without its download) with random
     weights scaled so that activations keep their size through the 94 layers."""
     import torch
+    from pytorch_fid import inception as fid  # importable on a CPU-only PyTorch thanks to tests/conftest.py
 
-    fid = _import_pytorch_fid_inception()
     net = fid._inception_v3(num_classes=1008, aux_logits=False, weights=None)
     net.Mixed_5b = fid.FIDInceptionA(192, pool_features=32)
     net.Mixed_5c = fid.FIDInceptionA(256, pool_features=64)
