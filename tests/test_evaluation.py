@@ -26,7 +26,7 @@ from dig_jax.evaluation import (
     precision_recall,
     write_reference,
 )
-from dig_jax.evaluation.convert_inception import convert, expected_shapes
+from dig_jax.evaluation.convert_inception import convert, random_state_dict
 from dig_jax.evaluation.inception import SPATIAL_CHANNELS, resize_bilinear_tf1
 from dig_jax.images import save_npz
 
@@ -65,16 +65,7 @@ def pytorch_fid_network(seed: int):
 
 def random_weights(path, seed: int = 0) -> str:
     """A random FID Inception weights file (.safetensors, pytorch-fid names and layouts), made without PyTorch."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, shape in expected_shapes().items():
-        if name.endswith(("running_var", "bn.weight")):
-            weights[name] = rng.uniform(0.5, 1.5, shape)
-        elif name.endswith(("running_mean", "bias")):
-            weights[name] = 0.1 * rng.standard_normal(shape)
-        else:
-            weights[name] = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-    safetensors.numpy.save_file({k: v.astype(np.float32) for k, v in weights.items()}, str(path))
+    safetensors.numpy.save_file(random_state_dict(seed), str(path))
     return str(path)
 
 

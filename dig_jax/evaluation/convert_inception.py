@@ -94,6 +94,21 @@ def check_state_dict(state_dict: dict[str, np.ndarray], source: str) -> None:
         raise InceptionWeightsError(f"{source} is not pytorch-fid's FID Inception state dict: " + "; ".join(problems))
 
 
+def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights with the file's names and shapes (He-scaled convolutions, batch-norm statistics near
+    identity, so activations keep their size through the network): for tests and benchmarks without the file."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in expected_shapes().items():
+        if name.endswith(("running_var", "bn.weight")):
+            weights[name] = rng.uniform(0.5, 1.5, shape)
+        elif name.endswith(("running_mean", "bias")):
+            weights[name] = 0.1 * rng.standard_normal(shape)
+        else:  # convolution and classifier weights
+            weights[name] = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+    return {name: value.astype(np.float32) for name, value in weights.items()}
+
+
 def inception_from_state_dict(state_dict: dict[str, np.ndarray], source: str = "state dict") -> InceptionV3:
     """A Flax InceptionV3 holding `state_dict` (pytorch-fid names and layouts), checked by name and shape."""
     check_state_dict(state_dict, source)
