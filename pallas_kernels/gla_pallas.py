@@ -13,6 +13,8 @@ exact because GLA never mixes batch elements or heads. The mesh axes are assigne
     not be split (the scan runs along T).
   * Auto mesh axes: axes named in HEAD_AXIS_NAMES split H, all others split B, each taken in mesh order only while
     the dim stays divisible. An axis that splits neither (e.g. a batch of 1 on a data axis) replicates the work.
+  * Manual mesh axes (inside an enclosing shard_map, e.g. the sequence axis of `sequence_parallel_chunk_gla`)
+    already hold per-device blocks: they are left alone, and only the other axes split B and H.
 shard_map reshards inputs whose layout differs from these specs, so the result is right for any input sharding.
 """
 
@@ -24,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.gla_tpu import gla_tpu
 from pallas_kernels.gla_triton import gla_triton
-from pallas_kernels.mesh import HEAD_AXIS_NAMES, divisible_prefix
+from pallas_kernels.mesh import HEAD_AXIS_NAMES, auto_axis_names, divisible_prefix
 
 
 def gla_pallas(q, k, v, g, *, scale, initial_state, reverse):
@@ -46,20 +48,20 @@ def _backend_kernel(backend):
 
 def shard_over_batch_and_heads(kernel, q, k, v, g, initial_state):
     """Calls kernel(q, k, v, g, initial_state=...) -> (o, final_state) on each (batch, head) shard of the active
-    mesh, or directly when no multi-device mesh is active."""
+    mesh, or directly when no mesh axis other than manual ones (of an enclosing shard_map) splits anything."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if mesh.empty or all(mesh.shape[name] == 1 for name in auto_axis_names(mesh)):
         return kernel(q, k, v, g, initial_state=initial_state)
     batch_axes, head_axes = (axes or None for axes in _batch_and_head_axes(mesh, q))
+    shard_map = functools.partial(jax.shard_map, mesh=mesh, axis_names=set(auto_axis_names(mesh)), check_vma=False)
     sequence_spec = P(batch_axes, None, head_axes, None)
     state_spec = P(batch_axes, head_axes, None, None)
     out_specs = (sequence_spec, state_spec)
     if initial_state is None:
-        return jax.shard_map(lambda q, k, v, g: kernel(q, k, v, g, initial_state=None), mesh=mesh,
-                             in_specs=(sequence_spec,) * 4, out_specs=out_specs, check_vma=False)(q, k, v, g)
-    return jax.shard_map(lambda q, k, v, g, h: kernel(q, k, v, g, initial_state=h), mesh=mesh,
-                         in_specs=(sequence_spec,) * 4 + (state_spec,), out_specs=out_specs,
-                         check_vma=False)(q, k, v, g, initial_state)
+        return shard_map(lambda q, k, v, g: kernel(q, k, v, g, initial_state=None),
+                         in_specs=(sequence_spec,) * 4, out_specs=out_specs)(q, k, v, g)
+    return shard_map(lambda q, k, v, g, h: kernel(q, k, v, g, initial_state=h),
+                     in_specs=(sequence_spec,) * 4 + (state_spec,), out_specs=out_specs)(q, k, v, g, initial_state)
 
 
 def _batch_and_head_axes(mesh, q):
@@ -71,8 +73,9 @@ def _batch_and_head_axes(mesh, q):
                              f"got spec {spec[:4]}")
         return _as_axes(spec[0]), _as_axes(spec[2])
     batch, _, heads, _ = q.shape
-    head_axes = divisible_prefix(mesh, [name for name in mesh.axis_names if name in HEAD_AXIS_NAMES], heads)
-    batch_axes = divisible_prefix(mesh, [name for name in mesh.axis_names if name not in HEAD_AXIS_NAMES], batch)
+    free_axes = auto_axis_names(mesh)
+    head_axes = divisible_prefix(mesh, [name for name in free_axes if name in HEAD_AXIS_NAMES], heads)
+    batch_axes = divisible_prefix(mesh, [name for name in free_axes if name not in HEAD_AXIS_NAMES], batch)
     return batch_axes, head_axes
 
 
