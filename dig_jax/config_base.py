@@ -8,6 +8,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from dig_jax.models import create_model
+from dig_jax.models.sequence_parallel import SEQUENCE_AXIS
 
 
 def base_config() -> ConfigDict:
@@ -66,6 +67,8 @@ def base_config() -> ConfigDict:
     c.mesh = ConfigDict()
     c.mesh.data = -1                # data-parallel size; -1 = all devices left after fsdp
     c.mesh.fsdp = 1                 # parameter/optimizer sharding size
+    c.mesh.seq = 1                  # sequence-parallel size (DiG only): each image's tokens split over this many
+                                    # devices, for high resolutions (dig_jax/models/sequence_parallel.py)
 
     c.distributed = ConfigDict()    # multi-process runs (dig_jax/distributed.py, launch/README.md)
     c.distributed.cluster = "auto"  # "auto": explicit keys below, else SLURM / Cloud TPU detection; "none": 1 process
@@ -99,13 +102,14 @@ def model_from_config(config: ConfigDict) -> nnx.Module:
     """The model a training config describes, initialised from config.seed."""
     m = config.model
     dtype = None if config.compute_dtype == "float32" else config.compute_dtype
+    split_tokens = {"sequence_axis": SEQUENCE_AXIS} if config.mesh.seq > 1 else {}
 
     @nnx.jit  # one compiled initialisation instead of one dispatch per parameter
     def build():
         return create_model(m.name, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
                             learn_sigma=m.learn_sigma,
                             rngs=nnx.Rngs(params=config.seed, label_dropout=config.seed + 1),
-                            dtype=dtype, remat=config.remat, **m.options.to_dict())
+                            dtype=dtype, remat=config.remat, **split_tokens, **m.options.to_dict())
 
     return build()
 

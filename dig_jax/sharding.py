@@ -1,19 +1,20 @@
 """Device mesh and shardings for the train state and batches, and a per-device memory report of the state.
 
-The mesh has axes ("data", "fsdp"):
-- Batches are split over both axes, so every device computes on global_batch / (data * fsdp) examples.
+The mesh has axes ("data", "fsdp", "seq"):
+- Batches are split over "data" and "fsdp", so every group of "seq" devices computes on global_batch / (data * fsdp)
+  examples.
 - Parameters, Adam moments and EMA weights with at least `fsdp_min_size` elements are split over "fsdp" along
   their largest dimension divisible by the fsdp size (FSDP / ZeRO-3): each device stores 1/fsdp of them. Smaller
   arrays (biases, norms, small tables) and scalars are replicated: splitting them saves little memory and costs a
   collective each.
 - Over "data" everything in the state is replicated (plain data parallelism).
+- "seq" (sequence parallelism, default size 1) splits each image's tokens by rows of the token grid inside DiG's
+  block stack (dig_jax/models/sequence_parallel.py): batches and the state are replicated over it, and DiG passes
+  GLA states, conv halo rows and grid transposes between its devices. For images whose activations do not fit one
+  device (DiG-XL/2 at 2048 px and beyond: 16K+ tokens per image).
 XLA's sharding propagation inserts the collectives. With fsdp > 1 and no sharding constraints inside the model it
 may split some activations along the hidden axis instead of gathering the weight (it then warns "Involuntary full
 rematerialization"): the result is the same, only slower.
-
-A sequence axis would be a third mesh axis splitting the token axis of the activations [B, T, D] after the
-patch embedding. GLA's recurrence runs along T, so such an axis also needs the chunk states passed from shard to
-shard (a scan across devices); at 256 px DiG has only 256 tokens, and splitting the batch is enough.
 
     python -m dig_jax.sharding --model DiG-XL/2 --fsdp 8   # state memory per device, no accelerator needed
 """
@@ -30,27 +31,30 @@ from ml_collections import ConfigDict
 
 from dig_jax.config_base import model_from_config, paper_config
 from dig_jax.models import split_params
+from dig_jax.models.sequence_parallel import SEQUENCE_AXIS
 
-AXES = ("data", "fsdp")
-BATCH_AXES = AXES
+AXES = ("data", "fsdp", SEQUENCE_AXIS)
+BATCH_AXES = ("data", "fsdp")
 DEFAULT_FSDP_MIN_SIZE = 2 ** 18  # elements; 1 MiB in float32
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-    """A ("data", "fsdp") mesh over `devices` (default: all devices of all processes); data=-1 takes what fsdp
-    leaves.
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None, seq: int = 1) -> Mesh:
+    """A ("data", "fsdp", "seq") mesh over `devices` (default: all devices of all processes); data=-1 takes what
+    fsdp and seq leave.
 
     Devices are laid out by `jax.make_mesh`: on TPU along the chip torus, so that neighbouring fsdp shards are
-    neighbouring chips; on GPU and CPU in process order, so that with fsdp <= devices per process the "fsdp"
-    collectives stay inside a host and "data" spans the hosts.
+    neighbouring chips; on GPU and CPU in process order, so that with fsdp * seq <= devices per process the "seq"
+    and "fsdp" collectives stay inside a host and "data" spans the hosts.
     """
     devices = jax.devices() if devices is None else list(devices)
-    if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {len(devices)}")
-    data = len(devices) // fsdp if data == -1 else data
-    if data * fsdp != len(devices):
-        raise ValueError(f"mesh.data * mesh.fsdp = {data} * {fsdp} must equal the device count {len(devices)}")
-    return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    for name, size in (("fsdp", fsdp), ("seq", seq)):
+        if size < 1 or len(devices) % size:
+            raise ValueError(f"mesh.{name}={size} must be >= 1 and divide the device count {len(devices)}")
+    data = len(devices) // (fsdp * seq) if data == -1 else data
+    if data * fsdp * seq != len(devices):
+        raise ValueError(f"mesh.data * mesh.fsdp * mesh.seq = {data} * {fsdp} * {seq} must equal the device count "
+                         f"{len(devices)}")
+    return jax.make_mesh((data, fsdp, seq), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def batch_sharding(mesh: Mesh, *, stacked: bool = False) -> NamedSharding:
@@ -120,7 +124,7 @@ def report_state_memory(config_or_model_name: ConfigDict | str, mesh: Mesh | Abs
 
     Args:
       config_or_model_name: a training config, or a model name (the paper's ImageNet 256 recipe for it).
-      mesh: a Mesh, or an AbstractMesh((data, fsdp), ("data", "fsdp")) to plan for devices one does not have.
+      mesh: a Mesh, or an AbstractMesh((data, fsdp, seq), AXES) to plan for devices one does not have.
       fsdp_min_size: as in `state_shardings`.
 
     Returns:
@@ -158,7 +162,7 @@ def main() -> None:
     parser.add_argument("--fsdp", type=int, default=8, help="mesh fsdp size")
     parser.add_argument("--fsdp_min_size", type=int, default=DEFAULT_FSDP_MIN_SIZE)
     args = parser.parse_args()
-    mesh = AbstractMesh((args.data, args.fsdp), AXES)
+    mesh = AbstractMesh((args.data, args.fsdp, 1), AXES)
     print(f"{args.model} on mesh data={args.data} x fsdp={args.fsdp}")
     print(format_state_memory(report_state_memory(args.model, mesh, args.fsdp_min_size)))
 

@@ -61,9 +61,16 @@ def validate_config(config: ConfigDict) -> None:
                               f"{config.steps_per_call}")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ConfigError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
-    if config.global_batch_size % jax.device_count():
+    if config.mesh.seq < 1 or jax.device_count() % config.mesh.seq:
+        raise ConfigError(f"config.mesh.seq must be >= 1 and divide the {jax.device_count()} devices, got "
+                          f"{config.mesh.seq}")
+    if config.mesh.seq > 1 and not config.model.name.startswith("DiG"):
+        raise ConfigError(f"config.mesh.seq={config.mesh.seq} splits DiG's tokens; {config.model.name} has no "
+                          f"sequence-parallel version (use config.mesh.seq=1)")
+    batch_devices = jax.device_count() // config.mesh.seq  # the batch is split over data x fsdp, not over seq
+    if config.global_batch_size % batch_devices:
         raise ConfigError(f"config.global_batch_size={config.global_batch_size} must be divisible by the "
-                          f"{jax.device_count()} devices")
+                          f"{batch_devices} devices that split it (all devices / config.mesh.seq)")
     try:  # data space, data dir, VAE folder and latent shapes (reads metadata and config files only)
         check_data_space(config)
         check_eval_config(config)  # in-training FID: its files exist and its keys fit (file headers only)
@@ -257,10 +264,10 @@ def train(config: ConfigDict, workdir: str) -> dict:
     if is_main:
         ckpt.write_run_config(workdir, config.to_json_best_effort(indent=2))
 
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, seq=config.mesh.seq)
     if is_main:  # process 0 alone writes config.json, logs, metrics and samples; every process saves its shards
-        print(f"{distributed.describe_processes()}; mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}",
-              flush=True)
+        print(f"{distributed.describe_processes()}; mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} x "
+              f"seq={mesh.shape['seq']}", flush=True)
     trainer = build_trainer(config, mesh)
     state = trainer.initial_state()
     space, data_sharding = trainer.space, trainer.data_sharding

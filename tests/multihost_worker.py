@@ -28,7 +28,7 @@ GLOBAL_BATCH_SIZE = 16
 SMALL_FSDP_MIN_SIZE = 1024
 
 
-def tiny_config(num_steps: int, mesh_data: int, mesh_fsdp: int) -> ConfigDict:
+def tiny_config(num_steps: int, mesh_data: int, mesh_fsdp: int, mesh_seq: int = 1) -> ConfigDict:
     """A one-block DiG on 8x8 "shapes" images. hidden_size 256 makes the adaLN and MLP-in kernels (256 x 1536)
     big enough for FSDP to split them, so sharded arrays cross the process boundary in steps and checkpoints."""
     c = base_config()
@@ -49,6 +49,7 @@ def tiny_config(num_steps: int, mesh_data: int, mesh_fsdp: int) -> ConfigDict:
     c.checkpoint_every = 2
     c.mesh.data = mesh_data
     c.mesh.fsdp = mesh_fsdp
+    c.mesh.seq = mesh_seq
     c.sample.per_class = 0
     return c
 
@@ -57,7 +58,8 @@ def tiny_config(num_steps: int, mesh_data: int, mesh_fsdp: int) -> ConfigDict:
 def _tiny_trainer(mesh, fsdp_min_size: int):
     """`train`'s model and jitted step for the tiny config on `mesh`; cached so that tests sharing a mesh compile
     once."""
-    config = tiny_config(num_steps=1, mesh_data=mesh.shape["data"], mesh_fsdp=mesh.shape["fsdp"])
+    config = tiny_config(num_steps=1, mesh_data=mesh.shape["data"], mesh_fsdp=mesh.shape["fsdp"],
+                         mesh_seq=mesh.shape["seq"])
     return build_trainer(config, mesh, fsdp_min_size)
 
 

@@ -16,10 +16,13 @@ DIG_XL2_TRAINABLE_PARAMS = 675_953_952 - 256 * 1152
 
 def test_make_mesh_lays_out_all_devices_and_rejects_sizes_that_do_not_fit():
     mesh = make_mesh(data=-1, fsdp=4)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "seq": 1}
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+    assert dict(make_mesh(fsdp=2, seq=2).shape) == {"data": 2, "fsdp": 2, "seq": 2}
     with pytest.raises(ValueError, match="mesh.fsdp=3"):
         make_mesh(fsdp=3)
+    with pytest.raises(ValueError, match="mesh.seq=3"):
+        make_mesh(seq=3)
     with pytest.raises(ValueError, match="must equal the device count 8"):
         make_mesh(data=4, fsdp=4)
 
@@ -77,3 +80,15 @@ def test_sharded_train_step_on_data2_fsdp4_matches_one_device_and_donates_the_st
     assert losses[0] != losses[-1]
     for sharded, single in zip(jax.tree.leaves(state), jax.tree.leaves(one_state), strict=True):
         np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-4, atol=1e-6)
+
+
+def test_sequence_parallel_train_steps_match_one_device():
+    """data=2 x fsdp=2 x seq=2: each image's 4 x 4 token grid split into two halves of rows, the batch over the
+    other axes; losses and the final state match one device."""
+    config = tiny_config(num_steps=2, mesh_data=2, mesh_fsdp=2, mesh_seq=2)
+    batches = _global_batches(config, 2)
+    one_losses, one_state = run_steps(make_mesh(1, 1, devices=jax.devices()[:1]), batches, SMALL_FSDP_MIN_SIZE)
+    losses, state = run_steps(make_mesh(data=2, fsdp=2, seq=2), batches, SMALL_FSDP_MIN_SIZE)
+    np.testing.assert_allclose(losses, one_losses, rtol=2e-5)
+    for split, single in zip(jax.tree.leaves(state), jax.tree.leaves(one_state), strict=True):
+        np.testing.assert_allclose(np.asarray(split), np.asarray(single), rtol=1e-4, atol=1e-6)

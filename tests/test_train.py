@@ -134,16 +134,19 @@ def test_workdir_of_another_model_is_refused(tmp_path):
         train(other, str(tmp_path))
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("compute_dtype", "float16", "config.compute_dtype"),
-    ("global_batch_size", 0, "config.global_batch_size"),
-    ("ema_decay", 1.5, "config.ema_decay"),
-    ("steps_per_call", 4, "config.num_steps=6 must be a multiple of config.steps_per_call=4"),
-    ("data.image_size", 24, "config.data.image_size"),
+@pytest.mark.parametrize("overrides,message", [
+    ({"compute_dtype": "float16"}, "config.compute_dtype"),
+    ({"global_batch_size": 0}, "config.global_batch_size"),
+    ({"ema_decay": 1.5}, "config.ema_decay"),
+    ({"steps_per_call": 4}, "config.num_steps=6 must be a multiple of config.steps_per_call=4"),
+    ({"data.image_size": 24}, "config.data.image_size"),
+    ({"mesh.seq": 3}, "config.mesh.seq must be >= 1 and divide the 8 devices"),
+    ({"mesh.seq": 2, "global_batch_size": 6}, r"divisible by the 4 devices that split it \(all devices / config.mesh"),
+    ({"mesh.seq": 2, "model.name": "DiT-S/2"}, "config.mesh.seq=2 splits DiG's tokens; DiT-S/2 has no"),
 ])
-def test_bad_config_values_are_rejected_by_name(tmp_path, key, value, message):
+def test_bad_config_values_are_rejected_by_name(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        train(tiny_config(**{key: value}), str(tmp_path))
+        train(tiny_config(**overrides), str(tmp_path))
 
 
 @pytest.mark.parametrize("override,message", [

@@ -11,9 +11,14 @@ where it matters, which is mathematically the same model:
     symmetric);
   - everything else in a block is per token.
 So no order has to be restored for depths that are not a multiple of 4, and checkpoints map one to one.
+
+Sequence parallelism: with `sequence_axis` set and an active mesh that has that axis, the block stack runs with
+each image's tokens split by grid rows over the axis's devices (dig_jax/models/sequence_parallel.py); the token
+permutations, the GLA and the conv then use their collective versions.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from dig_jax.models import sequence_parallel
 from dig_jax.models.layers import (
     SEQUENCE_MIXER_OUTPUT,
     BackboneConfig,
@@ -31,7 +37,7 @@ from dig_jax.models.layers import (
     scaled_xavier_uniform,
     zeros,
 )
-from pallas_kernels import CONV_IMPLS, GLA_IMPLS, chunk_gla, depthwise_conv3x3
+from pallas_kernels import CONV_IMPLS, GLA_IMPLS, chunk_gla, depthwise_conv3x3, sequence_parallel_chunk_gla
 
 GLA_INIT_GAIN = 2 ** -2.5  # fla's init for every projection inside the GLA layer
 GATE_LOW_RANK = 16
@@ -53,8 +59,13 @@ class ScanOrder:
         return ScanOrder(self.transposed != other.transposed, self.reversed != other.reversed)
 
 
-def permute_tokens(x, order: ScanOrder):
-    """Raster-ordered tokens [N, T, D] -> tokens in `order` (its own inverse: applying it twice is identity)."""
+def permute_tokens(x, order: ScanOrder, sequence_axis: str | None = None):
+    """Raster-ordered tokens [N, T, D] -> tokens in `order` (its own inverse: applying it twice is identity).
+
+    Inside the sequence-parallel block stack (tokens split over `sequence_axis`), x is this device's [N, T_d, D].
+    """
+    if sequence_parallel.is_split(sequence_axis):
+        return sequence_parallel.permute_tokens(x, order, sequence_axis)
     n, tokens, d = x.shape
     if order.transposed:
         grid = math.isqrt(tokens)
@@ -75,17 +86,20 @@ class DiGConfig(BackboneConfig):
     zero_init_skip: bool = False  # skip Linear starts as [I | 0]: the skip is ignored at init
     gla_impl: str = "auto"        # chunk_gla implementation
     conv_impl: str = "auto"       # depthwise_conv3x3 implementation
+    sequence_axis: str | None = None  # mesh axis that splits each image's tokens by grid rows (when the active
+                                      # mesh has it); None: tokens are never split
 
 
 class GatedLinearAttention(nnx.Module):
     """fla's GatedLinearAttention as DiG configures it: K = D/2, V = D, low-rank forget gate, RMSNorm-swish gate."""
 
-    def __init__(self, hidden_size: int, num_heads: int, *, gla_impl: str, rngs, dtype):
+    def __init__(self, hidden_size: int, num_heads: int, *, gla_impl: str, rngs, dtype, sequence_axis=None):
         key_dim, value_dim = hidden_size // 2, hidden_size
         if key_dim % num_heads or value_dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide hidden_size/2={key_dim} and hidden_size={value_dim}")
         self.num_heads = num_heads
         self.gla_impl = gla_impl
+        self.sequence_axis = sequence_axis
         init = scaled_xavier_uniform(GLA_INIT_GAIN)
         proj = dict(rngs=rngs, dtype=dtype, use_bias=False, kernel_init=init)
         self.q_proj = linear(hidden_size, key_dim, **proj)
@@ -105,7 +119,11 @@ class GatedLinearAttention(nnx.Module):
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         gate_logits = self.gk_proj_up(self.gk_proj_down(x)).astype(jnp.float32)
         log_forget = self._heads(jax.nn.log_sigmoid(gate_logits) / GATE_LOGIT_NORMALIZER)
-        o, _ = chunk_gla(q, k, v, log_forget, reverse=reverse, impl=self.gla_impl)
+        if sequence_parallel.is_split(self.sequence_axis):  # x: this device's piece of the sequence
+            o, _ = sequence_parallel_chunk_gla(q, k, v, log_forget, axis_name=self.sequence_axis, reverse=reverse,
+                                               impl=self.gla_impl)
+        else:
+            o, _ = chunk_gla(q, k, v, log_forget, reverse=reverse, impl=self.gla_impl)
         o = checkpoint_name(o, SEQUENCE_MIXER_OUTPUT)
         o32 = o.astype(jnp.float32)
         o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), -1, keepdims=True) + 1e-6) * self.g_norm_weight[...]
@@ -137,15 +155,16 @@ class DepthwiseConv3x3(nnx.Module):
         self.dtype = dtype
         self.conv_impl = conv_impl
 
-    def __call__(self, x, order: ScanOrder):
-        """x: raster tokens [N, T, D]; applies the conv the official model applies to the grid in `order`."""
+    def __call__(self, x, order: ScanOrder, grid_width: int | None = None):
+        """x: raster tokens [N, T, D] of a grid `grid_width` wide (default: square); applies the conv the official
+        model applies to the grid in `order`."""
         kernel = self.kernel[...][:, :, 0]
         if order.transposed:
             kernel = kernel.transpose(1, 0, 2)
         if order.reversed:
             kernel = kernel[::-1, ::-1]
         return depthwise_conv3x3(x.astype(self.dtype or x.dtype), kernel, self.bias[...],
-                                 grid_width=math.isqrt(x.shape[1]), impl=self.conv_impl)
+                                 grid_width=grid_width or math.isqrt(x.shape[1]), impl=self.conv_impl)
 
 
 class DiGBlock(nnx.Module):
@@ -154,7 +173,9 @@ class DiGBlock(nnx.Module):
     def __init__(self, config: DiGConfig, index: int, *, rngs, dtype):
         d = config.hidden_size
         self.order = ScanOrder.of_block(index)
-        self.attn = GatedLinearAttention(d, config.num_heads, gla_impl=config.gla_impl, rngs=rngs, dtype=dtype)
+        self.sequence_axis = config.sequence_axis
+        self.attn = GatedLinearAttention(d, config.num_heads, gla_impl=config.gla_impl, rngs=rngs, dtype=dtype,
+                                         sequence_axis=config.sequence_axis)
         self.mlp = SwiGLU(d, rngs=rngs, dtype=dtype)
         self.adaLN_modulation = linear(d, 6 * d, rngs=rngs, dtype=dtype, kernel_init=zeros)
         self.dw_conv = DepthwiseConv3x3(d, conv_impl=config.conv_impl, rngs=rngs, dtype=dtype)
@@ -166,7 +187,8 @@ class DiGBlock(nnx.Module):
     def _scan(self, u):
         # GLA over the block's order, returned in raster order (see the module docstring).
         transposed = ScanOrder(transposed=self.order.transposed, reversed=False)
-        return permute_tokens(self.attn(permute_tokens(u, transposed), reverse=self.order.reversed), transposed)
+        permute = functools.partial(permute_tokens, order=transposed, sequence_axis=self.sequence_axis)
+        return permute(self.attn(permute(u), reverse=self.order.reversed))
 
     def __call__(self, x, c, skip=None):
         """x [N, T, D] raster tokens, c [N, D] conditioning, skip [N, T, D] already in this block's frame."""
@@ -175,6 +197,8 @@ class DiGBlock(nnx.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
         x = x + gate1[:, None] * self._scan(modulate(layer_norm(x), shift1, scale1))
         x = x + gate2[:, None] * self.mlp(modulate(layer_norm(x), shift2, scale2))
+        if sequence_parallel.is_split(self.sequence_axis):
+            return sequence_parallel.depthwise_conv3x3(self.dw_conv, x, self.order, self.sequence_axis)
         return self.dw_conv(x, self.order)
 
 
@@ -202,14 +226,22 @@ class DiG(ConditionedBackbone):
 
     def __call__(self, x, t, y, *, train: bool = False):
         h, c = self.embed(x, t, y, train=train)
+        if sequence_parallel.mesh_splits_tokens(self.config.sequence_axis):
+            h = sequence_parallel.split_tokens(self._run_blocks, self.config.sequence_axis)(h, c)
+        else:
+            h = self._run_blocks(h, c)
+        return self.head(h, c)
+
+    def _run_blocks(self, h, c):
+        """Raster tokens h [N, T, D] (this device's [N, T_d, D] when split), conditioning c [N, D] -> [N, T, D]."""
         run_block = self.block_runner()
         skips = []  # (raster tokens, the order the official model holds them in)
         for i, block in enumerate(self.blocks):
             skip = None
             if block.skip_linear is not None:
                 stored, stored_order = skips.pop()
-                skip = permute_tokens(stored, block.order.compose(stored_order))
+                skip = permute_tokens(stored, block.order.compose(stored_order), self.config.sequence_axis)
             h = run_block(block, h, c, skip)
             if self.config.skip and i < self.config.depth // 2 - 1:
                 skips.append((h, ScanOrder.of_block(i + 1)))
-        return self.head(h, c)
+        return h
