@@ -63,15 +63,17 @@ def unsplit_loss_and_grads(skip):
     return loss_and_grads(*small_dig(skip=skip), random_batch(2))  # no mesh: the tokens stay whole
 
 
-@pytest.mark.parametrize("seq, skip", [(2, False), (4, True), (8, False)], ids=["seq2", "seq4_u_shape", "seq8"])
-def test_split_dig_matches_unsplit_loss_and_gradients(seq, skip):
+@pytest.mark.parametrize("seq, skip, remat", [(2, False, "matmuls"), (4, True, "none"), (8, False, "none")],
+                         ids=["seq2_remat", "seq4_u_shape", "seq8"])
+def test_split_dig_matches_unsplit_loss_and_gradients(seq, skip, remat):
     """seq=8 leaves one grid row per device (8 tokens: far below a GLA chunk); the U-shape's skips are
-    transposed across devices. The batch of 2 is replicated over "data" (8 / seq devices)."""
+    transposed across devices; blocks rematerialised inside the split stack give the same gradients. The batch of
+    2 is replicated over "data" (8 / seq devices)."""
     expected_loss, expected_grads = unsplit_loss_and_grads(skip)
     mesh = make_mesh(data=8 // seq, fsdp=1, seq=seq)
     with jax.set_mesh(mesh):
         assert sequence_parallel.mesh_splits_tokens("seq")
-        loss, grads = loss_and_grads(*small_dig(skip=skip), random_batch(2))
+        loss, grads = loss_and_grads(*small_dig(skip=skip, remat=remat), random_batch(2))
     assert abs(float(loss) - float(expected_loss)) < 1e-5 * float(expected_loss)
     errors = jax.tree.map(rms_rel_err, grads, expected_grads)
     worst = max(jax.tree.leaves(errors))

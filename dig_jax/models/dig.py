@@ -227,7 +227,7 @@ class DiG(ConditionedBackbone):
     def __call__(self, x, t, y, *, train: bool = False):
         h, c = self.embed(x, t, y, train=train)
         if sequence_parallel.mesh_splits_tokens(self.config.sequence_axis):
-            h = sequence_parallel.split_tokens(self._run_blocks, self.config.sequence_axis)(h, c)
+            h = sequence_parallel.split_tokens(DiG._run_blocks, self, self.config.sequence_axis)(h, c)
         else:
             h = self._run_blocks(h, c)
         return self.head(h, c)

@@ -21,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
@@ -42,15 +43,20 @@ def is_split(axis_name) -> bool:
     return axis_name is not None and not mesh.empty and axis_name in mesh.manual_axes
 
 
-def split_tokens(fn, axis_name):
-    """fn(h [N, T_d, D], c [N, D]) -> [N, T_d, D] on each device's grid rows, wrapped to take and return the whole
-    token sequence [N, T, D] (T = G * G) split over `axis_name` (a shard_map over that axis only: the batch keeps
-    the sharding of the other mesh axes; c and everything `fn` closes over, the parameters, are replicated over the
-    axis, and their gradients summed over it).
+def split_tokens(fn, module, axis_name):
+    """fn(module, h [N, T_d, D], c [N, D]) -> [N, T_d, D] on each device's grid rows, wrapped as
+    (h, c) -> [N, T, D] taking and returning the whole token sequence [N, T, D] (T = G * G) split over `axis_name`.
 
-    check_vma=False: the Pallas GLA kernels are not typed for varying manual axes.
+    A shard_map over that axis only: the batch keeps the sharding of the other mesh axes; c and the module's state
+    (its parameters) are replicated over the axis, and their gradients summed over it. The module enters as an
+    argument, not a closure, so that nnx transforms inside `fn` (the blocks' remat) see it at the shard_map's trace
+    level. check_vma=False: the Pallas GLA kernels are not typed for varying manual axes.
     """
     tokens = P(None, axis_name)
+    graphdef, state = nnx.split(module)
+
+    def local(state, h, c):
+        return fn(nnx.merge(graphdef, state), h, c)
 
     def call(h, c):
         grid = math.isqrt(h.shape[1])
@@ -63,8 +69,8 @@ def split_tokens(fn, axis_name):
         # in jaxlib 0.10.2 returns the patch-embedding kernel's gradient multiplied by that axis's size. The cost
         # is one [N, T, D] activation per device, outside the block stack.
         h = jax.lax.with_sharding_constraint(h, P(P.UNCONSTRAINED, None, P.UNCONSTRAINED))
-        return jax.shard_map(fn, in_specs=(tokens, P()), out_specs=tokens, axis_names={axis_name},
-                             check_vma=False)(h, c)
+        return jax.shard_map(local, in_specs=(P(), tokens, P()), out_specs=tokens, axis_names={axis_name},
+                             check_vma=False)(state, h, c)
 
     return call
 
