@@ -74,13 +74,25 @@ def sequence_parallel_chunk_gla(q, k, v, g, *, axis_name, scale=None, initial_st
     decay_local = gate_local[:, 0 if reverse else -1]  # a_d: [B, H, K]
     entering_state, final_state = _exchange_states(decay_local, state_local, initial_state, axis_name, reverse,
                                                    vma_checked)
-    # Operands in q's dtype, accumulated in float32, as in the impls' own inter-chunk term.
-    q_decayed = (q.astype(jnp.float32) * jnp.exp(gate_local) * scale).astype(q.dtype)
-    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
-    correction = jnp.einsum("bthk,bhkv->bthv", q_decayed, entering_state.astype(q.dtype), precision=precision,
-                            preferred_element_type=jnp.float32)
-    o = (o_local.astype(jnp.float32) + correction).astype(v.dtype)
+    q_decayed = q.astype(jnp.float32) * jnp.exp(gate_local) * scale
+    o = (o_local.astype(jnp.float32) + _incoming_state_output(q_decayed, entering_state, q.dtype)).astype(v.dtype)
     return o, (final_state if output_final_state else None)
+
+
+def _incoming_state_output(q_decayed, state, operand_dtype):
+    """q_decayed [B, T, H, K] @ state [B, H, K, V] per (batch, head) -> [B, T, H, V] float32; operands in
+    `operand_dtype`, accumulated in float32, as in the impls' own inter-chunk term.
+
+    One batch axis (B * H) for the matmul: XLA:CPU in jaxlib 0.10.2 fails to run some bfloat16 dots with two batch
+    axes and a float32 result ("Unsupported element type for DotThunk").
+    """
+    batch, seq_len, heads, key_dim = q_decayed.shape
+    value_dim = state.shape[-1]
+    q_rows = q_decayed.transpose(0, 2, 1, 3).reshape(batch * heads, seq_len, key_dim).astype(operand_dtype)
+    precision = jax.lax.Precision.HIGHEST if operand_dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    o = jnp.einsum("ztk,zkv->ztv", q_rows, state.reshape(batch * heads, key_dim, value_dim).astype(operand_dtype),
+                   precision=precision, preferred_element_type=jnp.float32)
+    return o.reshape(batch, heads, seq_len, value_dim).transpose(0, 2, 1, 3)
 
 
 def _cumulative_gate(g, reverse):

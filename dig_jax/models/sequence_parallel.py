@@ -55,10 +55,12 @@ def split_tokens(fn, module, axis_name):
     tokens = P(None, axis_name)
     graphdef, state = nnx.split(module)
 
-    def local(state, h, c):
-        return fn(nnx.merge(graphdef, state), h, c)
-
     def call(h, c):
+        # c enters in float32 (an exact round trip for bfloat16): its gradient is a sum over the axis, and XLA:CPU
+        # in jaxlib 0.10.2 aborts compiling a bfloat16 all-reduce.
+        def local(state, h, c32):
+            return fn(nnx.merge(graphdef, state), h, c32.astype(c.dtype))
+
         grid = math.isqrt(h.shape[1])
         size = jax.sharding.get_abstract_mesh().shape[axis_name]
         if grid % size:
@@ -70,7 +72,7 @@ def split_tokens(fn, module, axis_name):
         # is one [N, T, D] activation per device, outside the block stack.
         h = jax.lax.with_sharding_constraint(h, P(P.UNCONSTRAINED, None, P.UNCONSTRAINED))
         return jax.shard_map(local, in_specs=(P(), tokens, P()), out_specs=tokens, axis_names={axis_name},
-                             check_vma=False)(state, h, c)
+                             check_vma=False)(state, h, c.astype(jnp.float32))
 
     return call
 
