@@ -1,14 +1,18 @@
 """Per-device memory of DiG's train step with each image's tokens split over `seq` devices, from XLA's compiled
-memory analysis (no accelerator needed: it compiles for the host's CPU devices).
+memory analysis; no accelerator needed (without one it compiles for 8 host CPU devices).
 
     python benchmarks/sequence_parallel_memory.py --model DiG-XL/2 --res 2048,4096 --seq 1,2,4,8 --depths 2,4
+    # on a machine with 8 GPUs: compile the whole model for the GPUs, run one step, read the peak memory
+    python benchmarks/sequence_parallel_memory.py --res 2048,4096 --seq 1,2,4,8 --depths 28 --run
 
 The step is the trainer's (`dig_jax.train.make_train_step`: diffusion loss, AdamW, EMA, state donated) on a mesh
-data=1 x fsdp=1 x seq=S of S devices with one image, bfloat16 compute, float32 parameters and Adam state, the
-"xla" GLA path and the "shifted" conv (what compiles on CPU). Per device it reports the state (parameters, Adam
-moments, EMA: arguments of the step, replicated over "seq") and XLA's temporary buffers (activations kept for the
-backward pass and workspace), as `jax.jit(...).lower(...).compile().memory_analysis()` gives them; peak = arguments
-+ outputs - aliased (the donated state) + temporaries.
+data=1 x fsdp=1 x seq=S of the first S devices with one image, bfloat16 compute, float32 parameters and Adam
+state, gla_impl and conv_impl "auto" (on CPU the "xla" GLA path and the "shifted" conv; on GPU the Pallas
+kernels). Per device it reports the state (parameters, Adam moments, EMA: arguments of the step, replicated over
+"seq") and XLA's temporary buffers (activations kept for the backward pass and workspace), as
+`jax.jit(...).lower(...).compile().memory_analysis()` gives them; peak = arguments + outputs - aliased (the
+donated state) + temporaries. --run also runs one step and reports the devices' measured peak (peak_bytes_in_use,
+which CPUs do not report).
 
 Full DiG-XL/2 (28 blocks) at 65,536 tokens takes long to compile on CPU, so by default the step is compiled at two
 reduced depths (--depths, both with every scan order when >= 4) and each quantity is extrapolated linearly to the
@@ -26,9 +30,8 @@ import os
 import sys
 import time
 
-if __name__ == "__main__":  # before jax initialises: host CPU devices to build meshes of up to 8 devices
+if __name__ == "__main__":  # before jax initialises: 8 host CPU devices, for meshes of up to 8 when no GPU is present
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -47,10 +50,12 @@ GIB = 2 ** 30
 ADAMW = dict(learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip_norm=0.0)
 
 
-def compiled_memory(model_name: str, latent: int, seq: int, depth: int, remat: str, batch: int = 1) -> dict:
-    """Bytes per device of the compiled train step (dict of memory_analysis fields, plus "peak")."""
+def compiled_memory(model_name: str, latent: int, seq: int, depth: int, remat: str, batch: int = 1,
+                    run: bool = False) -> dict:
+    """Bytes per device of the compiled train step (dict of memory_analysis fields, plus "peak"); with `run`,
+    also "measured_peak", the largest peak_bytes_in_use over the mesh's devices after one step (NaN on CPU)."""
     mesh = make_mesh(data=1, fsdp=1, seq=seq, devices=jax.devices()[:seq])
-    model = create_model(model_name, input_size=latent, dtype="bfloat16", gla_impl="xla", conv_impl="shifted",
+    model = create_model(model_name, input_size=latent, dtype="bfloat16", gla_impl="auto", conv_impl="auto",
                          remat=remat, depth=depth, sequence_axis=SEQUENCE_AXIS, rngs=nnx.Rngs(0))
     graphdef, params, rest = split_params(model)
     tx, schedule = build_optimizer(ConfigDict(ADAMW))
@@ -73,6 +78,15 @@ def compiled_memory(model_name: str, latent: int, seq: int, depth: int, remat: s
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
     memory = {name.removesuffix("_size_in_bytes"): int(getattr(analysis, name)) for name in fields}
     memory["peak"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+    if run:
+        state = jax.jit(lambda p: init_state(p, tx, 0), out_shardings=shardings)(params)
+        keys = jax.random.split(jax.random.key(0))
+        images = {"image": jax.random.normal(keys[0], abstract_batch["image"].shape),
+                  "label": jax.random.randint(keys[1], abstract_batch["label"].shape, 0, 1000)}
+        state, metrics = compiled(state, jax.device_put(images, data), rest)
+        jax.block_until_ready((state, metrics))
+        peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) for device in mesh.devices.flat]
+        memory["measured_peak"] = max(peaks)
     return memory
 
 
@@ -90,6 +104,8 @@ def main():
     parser.add_argument("--depths", default="2,4", help="two depths to compile and extrapolate from, or the "
                                                         "model's own depth")
     parser.add_argument("--remat", default="none", help="config.remat of the blocks: none, matmuls or full")
+    parser.add_argument("--run", action="store_true", help="also run one step and report the measured peak "
+                                                           "(needs --depths equal to the model's depth)")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     args = parser.parse_args()
     if args.model not in MODELS or not args.model.startswith("DiG"):
@@ -98,13 +114,16 @@ def main():
     depths = [int(d) for d in args.depths.split(",")]
     if not (depths == [full_depth] or (len(depths) == 2 and depths[0] != depths[1])):
         parser.error(f"--depths must be two different depths or the model's depth {full_depth}, got {args.depths}")
+    if args.run and depths != [full_depth]:
+        parser.error(f"--run measures the whole model: it needs --depths {full_depth}")
 
     rows = []
     for res in (int(r) for r in args.res.split(",")):
         latent = res // 8
         for seq in (int(s) for s in args.seq.split(",")):
             started = time.perf_counter()
-            by_depth = {depth: compiled_memory(args.model, latent, seq, depth, args.remat) for depth in depths}
+            by_depth = {depth: compiled_memory(args.model, latent, seq, depth, args.remat, run=args.run)
+                        for depth in depths}
             memory = by_depth[full_depth] if depths == [full_depth] else extrapolate(by_depth, full_depth)
             row = {"model": args.model, "res": res, "tokens": (latent // 2) ** 2, "seq": seq, "remat": args.remat,
                    "compiled_depths": depths, "compile_s": round(time.perf_counter() - started, 1),
