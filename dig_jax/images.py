@@ -1,9 +1,12 @@
-"""Image output: [-1, 1] floats to uint8, grids, PNG and ADM-style .npz, all written atomically."""
+"""Image output: [-1, 1] floats to uint8, grids, PNG and ADM-style .npz (also from chunks), all written atomically."""
 
+import contextlib
 import io
 import math
 import os
 import tempfile
+import zipfile
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
@@ -26,19 +29,27 @@ def make_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) 
     return grid
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes to a temporary file in the same folder, then renames: a crash never leaves a half-written file."""
+@contextlib.contextmanager
+def atomic_output(path: str):
+    """Yields a binary file that becomes `path` only once the block completes: it is written under a temporary name
+    in the same folder and renamed, so a crash never leaves a half-written file (nor replaces a good one)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs should be readable like any other file
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` atomically (see `atomic_output`)."""
+    with atomic_output(path) as f:
+        f.write(data)
 
 
 def save_png(path: str, image: np.ndarray) -> None:
@@ -54,3 +65,25 @@ def save_npz(path: str, images: np.ndarray, labels: np.ndarray | None = None) ->
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": np.asarray(labels)}
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_npz_chunks(path: str, chunks: Iterable[np.ndarray], shape: tuple, labels: np.ndarray) -> None:
+    """`save_npz` for images too large for memory: arr_0 of `shape` [N, H, W, 3] is written from uint8 `chunks`
+    [n_i, H, W, 3] (in order, their n_i summing to N) one at a time, arr_1 = `labels` [N]. Atomic like save_npz;
+    the file is what np.savez writes (stored zip64 members), so np.load reads it as any other npz."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": tuple(shape)}
+    with atomic_output(path) as f, zipfile.ZipFile(f, "w", allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_2_0(member, header)
+            written = 0
+            for chunk in chunks:
+                if chunk.dtype != np.uint8 or chunk.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"image chunks must be uint8 [n, {', '.join(map(str, shape[1:]))}], got "
+                                     f"{chunk.dtype} {chunk.shape}")
+                member.write(np.ascontiguousarray(chunk).tobytes())
+                written += chunk.shape[0]
+            if written != shape[0]:
+                raise ValueError(f"image chunks hold {written} images, expected {shape[0]}")
+        with archive.open("arr_1.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, np.asarray(labels))

@@ -29,11 +29,11 @@ from dig_jax.config_base import model_from_config
 from dig_jax.data import create_dataset, make_loader, to_global_batch
 from dig_jax.diffusion import create_diffusion, sample_timesteps
 from dig_jax.evaluation.training import TrainingEvaluator, check_eval_config
-from dig_jax.images import make_grid, save_png, to_uint8
+from dig_jax.images import save_png
 from dig_jax.latents import DataSpace, check_data_space, data_space
 from dig_jax.metrics import MetricsLogger
 from dig_jax.models import split_params
-from dig_jax.sampling import generate
+from dig_jax.sampling import sample_grid
 from dig_jax.sharding import DEFAULT_FSDP_MIN_SIZE, batch_sharding, make_mesh, state_shardings, under_mesh
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -236,20 +236,16 @@ def host_ema(state: dict):
 
 def save_sample_grid(config: ConfigDict, model: nnx.Module, ema_params, workdir: str, step: int,
                      decode=None) -> str:
-    """Samples `config.sample.per_class` images of every class with the EMA weights into samples_<step>.png.
+    """Samples `config.sample.per_class` images of every class with the EMA weights into samples_<step>.png: the grid
+    `python -m dig_jax.sample --all_classes --per_class P --seed <config.seed>` with the same settings reproduces.
 
-    decode: latents -> images (DataSpace.decode) in latent space. It runs after `generate`, not inside it, so
-    that the VAE's weights stay arguments of its own compiled function instead of constants of the sampler's.
+    decode: latents -> images (DataSpace.decode) in latent space.
     """
     nnx.update(model, ema_params)
     s = config.sample
-    labels = np.repeat(np.arange(config.model.num_classes), s.per_class)
-    images = generate(model, labels, jax.random.key(config.seed), num_steps=s.num_steps, sampler=s.sampler,
-                      cfg_scale=s.cfg_scale, clip_denoised=config.data.space == "pixel")
-    if decode is not None:
-        images = decode(images)
-    grid = make_grid(to_uint8(images).reshape(config.model.num_classes * s.per_class, *images.shape[1:]),
-                     columns=s.per_class)
+    _, _, grid = sample_grid(model, range(config.model.num_classes), s.per_class, config.seed, decode=decode,
+                             num_steps=s.num_steps, sampler=s.sampler, cfg_scale=s.cfg_scale,
+                             clip_denoised=config.data.space == "pixel")
     path = os.path.join(workdir, f"samples_{step}.png")
     save_png(path, grid)
     return path

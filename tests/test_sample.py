@@ -3,18 +3,21 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import save_file
+from test_multihost import _free_port
 
 from dig_jax import checkpoint as ckpt
-from dig_jax import sample
+from dig_jax import sample, sampling
 from dig_jax.images import to_uint8
 from dig_jax.models import split_params
-from dig_jax.train import build_optimizer, init_state
+from dig_jax.train import build_optimizer, init_state, save_sample_grid
 from dig_jax.vae import CONFIG_FILE, WEIGHTS_FILE, AutoencoderKLConfig, diffusers_param_shapes
 from tests.fixtures_tiny_run import TINY_CHECKPOINT_STEPS, TINY_IMAGE_SIZE, tiny_run  # noqa: F401
 
@@ -59,35 +62,39 @@ def test_ddim_with_guidance_on_random_classes_writes_only_the_npz(tiny_run, tmp_
 def test_sample_images_pads_the_last_batch_decodes_and_keeps_label_order(monkeypatch):
     calls = []
 
-    def fake_generate(model, labels, key, **settings):
-        calls.append((np.asarray(labels), jax.random.key_data(key)))
+    def fake_generate(model, labels, keys, **settings):
+        calls.append((np.asarray(labels), jax.random.key_data(keys)))
         return np.asarray(labels, np.float32)[:, None, None, None] / 100 * np.ones((1, 2, 2, 3), np.float32)
 
-    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(sampling, "generate", fake_generate)
     labels = np.array([1, 2, 3, 4, 5], np.int32)
-    images = sample.sample_images(None, labels, seed=0, batch_size=2, decode=lambda x: -x, num_steps=3)
+    images = sampling.sample_images(None, labels, seed=0, batch_size=2, first_index=10, decode=lambda x: -x,
+                                    num_steps=3)
 
     assert [batch.tolist() for batch, _ in calls] == [[1, 2], [3, 4], [5, 5]]
-    assert len({key.tobytes() for _, key in calls}) == 3
+    # Image i of the call is image first_index + i of the seed's stream, the padding the stream's next one.
+    expected_keys = jax.random.key_data(sampling.image_keys(0, 10, 6))
+    np.testing.assert_array_equal(np.concatenate([keys for _, keys in calls]), expected_keys)
     np.testing.assert_array_equal(images[:, 0, 0, 0], to_uint8(-labels / 100))
 
 
 @pytest.mark.parametrize("selection, num_classes, expected", [
-    (["--all_classes", "--per_class", "2"], 3, [0, 0, 1, 1, 2, 2]),
-    (["--classes", "4,1", "--per_class", "1"], 12, [4, 1]),
-    (["--per_class", "1"], 1000, list(range(sample.DEFAULT_GRID_CLASSES))),  # default: the first classes
-    (["--per_class", "1"], 5, [0, 1, 2, 3, 4]),
+    (["--all_classes"], 3, [0, 1, 2]),
+    (["--classes", "4,1"], 12, [4, 1]),
+    ([], 1000, list(range(sample.DEFAULT_GRID_CLASSES))),  # default: the first classes
+    ([], 5, [0, 1, 2, 3, 4]),
+    (["--num_images", "9"], 5, None),
 ])
-def test_select_labels(selection, num_classes, expected):
+def test_select_classes(selection, num_classes, expected):
     args = sample.parse_args(["--workdir", "unused", *selection])
-    np.testing.assert_array_equal(sample.select_labels(args, num_classes), expected)
+    assert sample.select_classes(args, num_classes) == expected
 
 
-def test_random_classes_are_reproducible_and_cover_the_label_set():
-    args = sample.parse_args(["--workdir", "unused", "--num_images", "600", "--seed", "1"])
-    labels = sample.select_labels(args, 12)
-    np.testing.assert_array_equal(labels, sample.select_labels(args, 12))
+def test_random_classes_depend_on_the_seed_and_index_only_and_cover_the_label_set():
+    labels = sampling.random_classes(1, 600, 12)
     assert labels.dtype == np.int32 and set(labels.tolist()) == set(range(12))
+    np.testing.assert_array_equal(sampling.random_classes(1, 250, 12), labels[:250])
+    assert not np.array_equal(sampling.random_classes(2, 600, 12), labels)
 
 
 def test_load_ema_model_restores_the_ema_weights_of_the_checkpoint(tiny_run):  # noqa: F811
@@ -151,6 +158,10 @@ def test_latent_run_needs_a_vae_and_decodes_through_it(tiny_run, tmp_path, capsy
     ("class out of range", ["--workdir", "{run}", "--classes", "0,12"], "--classes [12]"),
     ("malformed classes", ["--workdir", "{run}", "--classes", "a,b"], "comma-separated class indices"),
     ("eta with ddpm", ["--workdir", "{run}", "--eta", "0.5"], "--eta 0.5 applies to --sampler ddim only"),
+    ("upsample factor 1", ["--workdir", "{run}", "--upsample_guidance", "1"], "integer resolution multiple >= 2"),
+    ("theta alone", ["--workdir", "{run}", "--upsample_theta", "2"], "need --upsample_guidance M"),
+    ("eta out of range", ["--workdir", "{run}", "--upsample_guidance", "2", "--upsample_eta", "1.5"],
+     "--upsample_eta 1.5: expected a fraction in [0, 1]"),
 ])
 def test_errors_name_the_problem(tiny_run, tmp_path, capsys, problem, argv, message):  # noqa: F811
     (tmp_path / "empty").mkdir()
@@ -162,3 +173,99 @@ def test_errors_name_the_problem(tiny_run, tmp_path, capsys, problem, argv, mess
         run_cli(*[a.format(**paths) for a in argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err, problem
+
+
+def test_png_path_alone_still_writes_the_default_npz(tiny_run, tmp_path):  # noqa: F811
+    run_cli("--workdir", tiny_run, "--classes", "3", "--per_class", 2, "--png", tmp_path / "grid.png", *FAST)
+
+    assert (tmp_path / "grid.png").is_file()
+    stem = os.path.join(tiny_run, "samples", f"step{TINY_CHECKPOINT_STEPS[-1]}_ddpm3_cfg1_seed0_2img")
+    with np.load(stem + ".npz", allow_pickle=False) as npz:
+        np.testing.assert_array_equal(npz["arr_1"], [3, 3])
+    assert not os.path.exists(stem + ".png")
+
+
+def test_dpm_solver_with_guidance_and_upsample_guidance_samples_at_twice_the_size(tiny_run, tmp_path):  # noqa: F811
+    run_cli("--workdir", tiny_run, "--classes", "1,2", "--per_class", 1, "--sampler", "dpm++2m", "--cfg_scale", 2,
+            "--upsample_guidance", 2, "--npz", tmp_path / "x2.npz", "--png", tmp_path / "x2.png", *FAST)
+
+    with np.load(tmp_path / "x2.npz", allow_pickle=False) as npz:
+        assert npz["arr_0"].shape == (2, 2 * TINY_IMAGE_SIZE, 2 * TINY_IMAGE_SIZE, 3)
+    with Image.open(tmp_path / "x2.png") as png:
+        assert png.size == (2 * TINY_IMAGE_SIZE + 4, 2 * (2 * TINY_IMAGE_SIZE + 2) + 2)  # 2 rows of 1
+
+
+def test_the_cli_reproduces_the_end_of_training_grid(tiny_run, tmp_path):  # noqa: F811
+    model, config, step = sample.load_ema_model(tiny_run)
+    config.sample.update(per_class=1, num_steps=3, sampler="ddim", cfg_scale=2.0)
+    train_png = save_sample_grid(config, model, split_params(model)[1], str(tmp_path), step)
+
+    run_cli("--workdir", tiny_run, "--all_classes", "--per_class", 1, "--seed", config.seed, "--sampler", "ddim",
+            "--num_steps", 3, "--cfg_scale", 2, "--png", tmp_path / "cli.png")
+    with Image.open(train_png) as trained, Image.open(tmp_path / "cli.png") as sampled:
+        np.testing.assert_array_equal(np.asarray(trained), np.asarray(sampled))
+
+
+def _sample_in_processes(workdir, argv, processes: int, devices_per_process: int) -> None:
+    """`python -m dig_jax.sample` as a job of `processes` local processes (CPU devices, gloo collectives)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": str(processes),
+           "JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-m", "dig_jax.sample", "--workdir", str(workdir), *map(str, argv)],
+                              env={**env, "JAX_PROCESS_ID": str(i)}, cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:  # one failed process leaves the others waiting for it
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for i, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, f"process {i} of {processes} failed:\n{output[-5000:]}"
+
+
+def test_random_class_sampling_is_resumable_and_independent_of_devices_and_processes(tiny_run, tmp_path,  # noqa: F811
+                                                                                     monkeypatch, capsys):
+    argv = ["--num_images", 7, "--batch_size", 3, "--sampler", "ddim", *FAST]
+    npz_path = tmp_path / "one_process.npz"
+    parts = tmp_path / "one_process.parts"
+
+    # One process, 8 devices, stopped after its first batch (of 3).
+    real_sample_images, calls = sampling.sample_images, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["first_index"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_sample_images(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "sample_images", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("--workdir", tiny_run, "--npz", npz_path, *argv)
+    assert sorted(os.listdir(parts)) == ["images_0000000-0000002.npz", "settings.json"]
+    assert not npz_path.exists()
+
+    # Other settings cannot resume into these parts.
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--workdir", tiny_run, "--npz", npz_path, "--cfg_scale", 2, *argv)
+    assert exit_info.value.code == 2 and "cfg_scale" in capsys.readouterr().err
+
+    # The rerun samples only the two missing batches.
+    calls.clear()
+    monkeypatch.setattr(sample, "sample_images", lambda *a, **k: calls.append(k["first_index"]) or
+                        real_sample_images(*a, **k))
+    run_cli("--workdir", tiny_run, "--npz", npz_path, *argv)
+    assert calls == [3, 6] and not parts.exists()
+    assert "1 of 3 batches already in" in capsys.readouterr().out
+
+    # Two processes of 4 devices, from scratch.
+    _sample_in_processes(tiny_run, ["--npz", tmp_path / "two_processes.npz", *argv], processes=2,
+                         devices_per_process=4)
+
+    with np.load(npz_path, allow_pickle=False) as one, np.load(tmp_path / "two_processes.npz") as two:
+        assert one["arr_0"].shape == (7, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
+        np.testing.assert_array_equal(one["arr_1"], sampling.random_classes(0, 7, NUM_CLASSES))
+        np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
+        np.testing.assert_array_equal(one["arr_1"], two["arr_1"])

@@ -27,6 +27,31 @@ def mean_per_example(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
+def split_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two independent keys from a key, or from keys [N] (one per example) two key arrays [N]."""
+    if key.ndim == 0:
+        return tuple(jax.random.split(key))
+    pairs = jax.vmap(jax.random.split)(key)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def fold_in(key: jax.Array, data) -> jax.Array:
+    """jax.random.fold_in of a key, or of each of keys [N]."""
+    if key.ndim == 0:
+        return jax.random.fold_in(key, data)
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(key)
+
+
+def standard_normal(key: jax.Array, shape) -> jnp.ndarray:
+    """float32 N(0, I) noise of `shape` [N, ...] from one key, or from keys [N]: then example i's noise depends on
+    keys[i] alone, so an image does not change with the batch it is sampled in."""
+    if key.ndim == 0:
+        return jax.random.normal(key, shape, jnp.float32)
+    if key.shape != tuple(shape[:1]):
+        raise ValueError(f"expected one key per example ({shape[0]}), got keys of shape {key.shape}")
+    return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(key)
+
+
 def sample_timesteps(key: jax.Array, n: int, num_timesteps: int = 1000) -> jnp.ndarray:
     """Training timesteps, uniform over {0, ..., num_timesteps - 1}: int32 [n]."""
     return jax.random.randint(key, (n,), 0, num_timesteps, dtype=jnp.int32)
@@ -178,7 +203,7 @@ class GaussianDiffusion:
     def p_sample(self, model_fn: ModelFn, x_t, t, y, key: jax.Array, clip_denoised: bool = False) -> jnp.ndarray:
         """One ancestral step x_t -> x_{t-1}; no noise is added where t == 0."""
         out = self.p_mean_variance(model_fn(x_t, self.model_timesteps(t), y), x_t, t, clip_denoised)
-        noise = jax.random.normal(key, x_t.shape, x_t.dtype)
+        noise = standard_normal(key, x_t.shape).astype(x_t.dtype)
         return out["mean"] + _nonzero_mask(t, x_t.ndim) * jnp.exp(0.5 * out["log_variance"]) * noise
 
     def ddim_sample(
@@ -192,18 +217,15 @@ class GaussianDiffusion:
         alpha_bar_prev = gather(self.schedule.alphas_cumprod_prev, t, x_t.ndim)
         sigma = eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * jnp.sqrt(1 - alpha_bar / alpha_bar_prev)
         mean = out["pred_x0"] * jnp.sqrt(alpha_bar_prev) + jnp.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        noise = jax.random.normal(key, x_t.shape, x_t.dtype)
+        noise = standard_normal(key, x_t.shape).astype(x_t.dtype)
         return mean + _nonzero_mask(t, x_t.ndim) * sigma * noise
 
     def _sample_loop(self, step_fn, shape, key: jax.Array, noise) -> jnp.ndarray:
-        init_key, steps_key = jax.random.split(key)
-        x = jax.random.normal(init_key, shape, jnp.float32) if noise is None else noise
-        if x.shape != tuple(shape):
-            raise ValueError(f"noise must have shape {tuple(shape)}, got {x.shape}")
+        steps_key, x = initial_noise(key, shape, noise)
 
         def body(i, x):
             t = jnp.full((shape[0],), self.num_timesteps - 1 - i, dtype=jnp.int32)
-            return step_fn(x, t, jax.random.fold_in(steps_key, i))
+            return step_fn(x, t, fold_in(steps_key, i))
 
         return jax.lax.fori_loop(0, self.num_timesteps, body, x)
 
@@ -214,6 +236,7 @@ class GaussianDiffusion:
 
         Args:
           shape: (N, H, W, C) of the samples. y: labels [N] passed to the model. noise: optional x_T.
+          key: a PRNG key, or keys [N], one per example (see `initial_noise`).
         Returns:
           float32 samples, `shape`.
         """
@@ -232,6 +255,19 @@ class GaussianDiffusion:
             return self.ddim_sample(model_fn, x, t, y, step_key, eta, clip_denoised)
 
         return self._sample_loop(step, shape, key, noise)
+
+
+def initial_noise(key: jax.Array, shape, noise=None) -> tuple[jax.Array, jnp.ndarray]:
+    """(key for the sampling steps, x_T): x_T ~ N(0, I) of `shape` drawn from `key`, or the given `noise`.
+
+    With keys [N], one per example, example i's x_T and step noise come from keys[i] alone: the sample of a key
+    is the same in any batch.
+    """
+    init_key, steps_key = split_key(key)
+    x = standard_normal(init_key, shape) if noise is None else noise
+    if x.shape != tuple(shape):
+        raise ValueError(f"noise must have shape {tuple(shape)}, got {x.shape}")
+    return steps_key, x
 
 
 def _nonzero_mask(t: jnp.ndarray, ndim: int) -> jnp.ndarray:

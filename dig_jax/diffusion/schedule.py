@@ -79,6 +79,24 @@ class NoiseSchedule:
         return int(self.betas.shape[0])
 
 
+def log_alpha_at(alphas_cumprod: np.ndarray, t, xp=np):
+    """log(alpha_t) = 0.5 log(abar_t) at real-valued timesteps t (any shape), `xp` being numpy or jax.numpy.
+
+    Piecewise linear in t between the integer steps, exact at them: DPM-Solver's continuous-time view of a
+    discrete-time schedule (its t_continuous = (t + 1) / T for a T-step schedule), which lets samplers and
+    guidance evaluate a model at timesteps between the trained ones. Clamped to the ends outside [0, T - 1].
+    """
+    log_alphas = 0.5 * np.log(alphas_cumprod)
+    return xp.interp(t, np.arange(log_alphas.shape[0], dtype=np.float64), log_alphas)
+
+
+def timestep_at_log_alpha(alphas_cumprod: np.ndarray, log_alpha, xp=np):
+    """The inverse of `log_alpha_at`: the real timesteps whose log(alpha_t) is `log_alpha` (clamped to [0, T - 1])."""
+    log_alphas = 0.5 * np.log(alphas_cumprod)  # decreasing in t; interp needs increasing abscissae
+    steps = np.arange(log_alphas.shape[0], dtype=np.float64)
+    return xp.interp(log_alpha, log_alphas[::-1], steps[::-1])
+
+
 def gather(array: np.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
     """Picks array[t] as float32, shaped [N, 1, ..., 1] to broadcast against an `ndim`-dimensional [N, ...] batch.
 

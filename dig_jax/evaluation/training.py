@@ -13,8 +13,6 @@ reference's is biased upwards: compare values of one setting with each other, an
 import os
 import time
 
-import jax
-import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -27,8 +25,7 @@ from dig_jax.evaluation.metrics import (
     npz_keys,
     sample_metrics,
 )
-from dig_jax.images import to_uint8
-from dig_jax.sampling import generate
+from dig_jax.sampling import random_classes, sample_images
 
 
 def check_eval_config(config: ConfigDict) -> None:
@@ -65,22 +62,16 @@ class TrainingEvaluator:
         self.extractor = FeatureExtractor(load_inception(config.eval.inception_weights), config.eval.batch_size)
         self.reference = load_reference(config.eval.reference, self.extractor, with_images=False,
                                         argument="config.eval.reference")
-        self.labels = np.random.default_rng(config.seed).integers(config.model.num_classes,
-                                                                   size=config.eval.num_images, dtype=np.int32)
+        self.labels = random_classes(config.seed, config.eval.num_images, config.model.num_classes)
 
     def _image_batches(self, model: nnx.Module):
         s, batch_size = self.config.sample, self.config.eval.batch_size
-        key = jax.random.key(self.config.seed)
-        for index, start in enumerate(range(0, len(self.labels), batch_size)):
-            labels = self.labels[start:start + batch_size]
-            # A short last batch is padded: one batch shape, one compiled sampler.
-            padded = np.pad(labels, (0, batch_size - len(labels)), mode="edge")
-            images = generate(model, padded, jax.random.fold_in(key, index), num_steps=s.num_steps,
-                              sampler=s.sampler, cfg_scale=s.cfg_scale,
-                              clip_denoised=self.config.data.space == "pixel")
-            if self.decode is not None:
-                images = self.decode(images)
-            yield to_uint8(images)[:len(labels)]
+        for start in range(0, len(self.labels), batch_size):
+            # Image i is image i of config.seed's stream (dig_jax.sampling): the images
+            # `python -m dig_jax.sample --num_images N --seed <config.seed>` samples with the same settings.
+            yield sample_images(model, self.labels[start:start + batch_size], self.config.seed, batch_size=batch_size,
+                                first_index=start, decode=self.decode, num_steps=s.num_steps, sampler=s.sampler,
+                                cfg_scale=s.cfg_scale, clip_denoised=self.config.data.space == "pixel")
 
     def __call__(self, model: nnx.Module) -> dict:
         """model: the network holding the weights to score (the EMA) -> {"fid", "sfid", "inception_score",

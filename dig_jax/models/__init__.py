@@ -8,12 +8,14 @@ identity-initialised skip), DiG-XL/2-paper (the paper's 16 heads; the official c
 """
 
 import dataclasses
+import functools
 
 import jax
 from flax import nnx
 
 from dig_jax.models.dig import DiG, DiGConfig
 from dig_jax.models.dit import DiT, DiTConfig
+from dig_jax.models.layers import position_embedding
 
 # size -> (depth, hidden_size, num_heads), as in the official registries.
 DIG_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 18)}
@@ -71,6 +73,23 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict, nnx.State]:
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, nnx.to_pure_dict(params), rest
+
+
+def at_input_size(model: nnx.Module, input_size: int) -> nnx.Module:
+    """The same network for inputs of side `input_size`: it shares `model`'s parameter arrays (no copy) and only its
+    fixed sin-cos position embedding is built for the new token grid (every other layer is per token or, like
+    DiG's scans and depthwise conv, takes the grid size from its input). Used to sample above the trained size.
+    """
+    config = dataclasses.replace(model.config, input_size=input_size)
+    state = nnx.State(dict(nnx.state(model)))  # a shallow copy: replacing an entry leaves `model` untouched
+    state["pos_embed"] = nnx.Variable(position_embedding(config))
+    return nnx.merge(_structure(type(model), config), state, copy=True)
+
+
+@functools.cache
+def _structure(model_cls, config) -> nnx.GraphDef:
+    # Traced, not run: the parameters come from the trained model.
+    return nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(params=0, label_dropout=0))))[0]
 
 
 def count_params(model: nnx.Module, *, include_fixed: bool = True) -> int:

@@ -60,6 +60,11 @@ def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+def position_embedding(config) -> np.ndarray:
+    """The fixed position embedding of a model config: float32 [(input_size / patch_size)**2, hidden_size]."""
+    return sincos_2d(config.hidden_size, config.input_size // config.patch_size)
+
+
 def timestep_frequencies(t, dim: int = TIMESTEP_FREQUENCY_DIM):
     """t [N] (any real dtype) -> [N, dim] float32 as [cos(t * f_j), sin(t * f_j)], f_j = exp(-ln(1e4) j / (dim/2))."""
     half = dim // 2
@@ -168,7 +173,7 @@ class ConditionedBackbone(nnx.Module):
         self.t_embedder = TimestepEmbedder(d, rngs=rngs, dtype=dtype)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob, rngs=rngs, dtype=dtype)
         self.final_layer = FinalLayer(d, config.patch_size, self.out_channels, rngs=rngs, dtype=dtype)
-        self.pos_embed = nnx.Variable(sincos_2d(d, config.input_size // config.patch_size))  # fixed, not a Param
+        self.pos_embed = nnx.Variable(position_embedding(config))  # fixed, not a Param
 
     def embed(self, x, t, y, *, train: bool):
         """x [N, H, W, C], t [N], y [N] -> (tokens [N, T, D], conditioning [N, D])."""
