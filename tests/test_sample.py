@@ -175,24 +175,18 @@ def test_errors_name_the_problem(tiny_run, tmp_path, capsys, problem, argv, mess
     assert message in capsys.readouterr().err, problem
 
 
-def test_png_path_alone_still_writes_the_default_npz(tiny_run, tmp_path):  # noqa: F811
-    run_cli("--workdir", tiny_run, "--classes", "3", "--per_class", 2, "--png", tmp_path / "grid.png", *FAST)
-
-    assert (tmp_path / "grid.png").is_file()
-    stem = os.path.join(tiny_run, "samples", f"step{TINY_CHECKPOINT_STEPS[-1]}_ddpm3_cfg1_seed0_2img")
-    with np.load(stem + ".npz", allow_pickle=False) as npz:
-        np.testing.assert_array_equal(npz["arr_1"], [3, 3])
-    assert not os.path.exists(stem + ".png")
-
-
-def test_dpm_solver_with_guidance_and_upsample_guidance_samples_at_twice_the_size(tiny_run, tmp_path):  # noqa: F811
+def test_dpm_solver_with_guidance_and_upsample_guidance_at_twice_the_size_and_png_alone(tiny_run, tmp_path):  # noqa: F811
     run_cli("--workdir", tiny_run, "--classes", "1,2", "--per_class", 1, "--sampler", "dpm++2m", "--cfg_scale", 2,
-            "--upsample_guidance", 2, "--npz", tmp_path / "x2.npz", "--png", tmp_path / "x2.png", *FAST)
+            "--upsample_guidance", 2, "--png", tmp_path / "x2.png", *FAST)
 
-    with np.load(tmp_path / "x2.npz", allow_pickle=False) as npz:
-        assert npz["arr_0"].shape == (2, 2 * TINY_IMAGE_SIZE, 2 * TINY_IMAGE_SIZE, 3)
     with Image.open(tmp_path / "x2.png") as png:
         assert png.size == (2 * TINY_IMAGE_SIZE + 4, 2 * (2 * TINY_IMAGE_SIZE + 2) + 2)  # 2 rows of 1
+    # --png alone still writes the npz, to its default path.
+    stem = os.path.join(tiny_run, "samples", f"step{TINY_CHECKPOINT_STEPS[-1]}_dpm++2m3_cfg2_ug2x1x0.3_seed0_2img")
+    with np.load(stem + ".npz", allow_pickle=False) as npz:
+        assert npz["arr_0"].shape == (2, 2 * TINY_IMAGE_SIZE, 2 * TINY_IMAGE_SIZE, 3)
+        np.testing.assert_array_equal(npz["arr_1"], [1, 2])
+    assert not os.path.exists(stem + ".png")
 
 
 def test_the_cli_reproduces_the_end_of_training_grid(tiny_run, tmp_path):  # noqa: F811
