@@ -44,6 +44,12 @@ def local_mesh() -> Mesh:
     return Mesh(np.asarray(jax.local_devices()), ("batch",))
 
 
+def replicate_locally(model: nnx.Module) -> None:
+    """Places the model's state on every device of this process, in place, as `generate` needs it: done once, the
+    calls that follow do not copy it (arrays already placed so, like `load_ema_model`'s, are not copied at all)."""
+    nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(local_mesh(), PartitionSpec())))
+
+
 def generate(model: nnx.Module, labels, keys: jax.Array, *, num_steps: int = 250, sampler: str = "ddpm",
              cfg_scale: float = 1.0, guided_channels: int | None = 3, eta: float = 0.0, clip_denoised: bool = False,
              upsample: UpsampleGuidance | None = None, decode=None):
@@ -134,6 +140,7 @@ def sample_images(model: nnx.Module, labels: np.ndarray, seed: int, *, batch_siz
     `decode` (latents -> images, e.g. dig_jax.sample.load_decoder) runs after each batch, outside the sampler's
     program, so that the VAE's weights stay arguments of its own compiled function.
     """
+    replicate_locally(model)
     batches = []
     for start in range(0, len(labels), batch_size):
         batch = labels[start:start + batch_size]

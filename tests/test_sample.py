@@ -67,6 +67,7 @@ def test_sample_images_pads_the_last_batch_decodes_and_keeps_label_order(monkeyp
         return np.asarray(labels, np.float32)[:, None, None, None] / 100 * np.ones((1, 2, 2, 3), np.float32)
 
     monkeypatch.setattr(sampling, "generate", fake_generate)
+    monkeypatch.setattr(sampling, "replicate_locally", lambda model: None)
     labels = np.array([1, 2, 3, 4, 5], np.int32)
     images = sampling.sample_images(None, labels, seed=0, batch_size=2, first_index=10, decode=lambda x: -x,
                                     num_steps=3)
