@@ -5,6 +5,9 @@ Typical use:
           t = sample_timesteps(key, n); losses = diffusion.training_losses(model_fn, x0, t, noise, y)
   sample: diffusion = create_diffusion("250")
           x0 = diffusion.p_sample_loop(cfg_model_fn(model_fn, 1.5), shape, key, y)
+  faster: dpm_solver.dpm_solver_2m_sample_loop(model_fn, shape, key, y, create_diffusion().schedule.alphas_cumprod,
+                                               num_steps=20)
+  larger: upsample_guidance.upsample_guided_model_fn (sampling above the training resolution)
 """
 
 from collections.abc import Sequence
