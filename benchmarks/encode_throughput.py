@@ -1,4 +1,4 @@
-"""Throughput of the latent encode job's jitted step (dig_jax.latents.make_encode_fn) with the Stable Diffusion VAE
+"""Throughput of the latent encode job's jitted step (dig_jax.vae_programs.make_encode_fn) with the Stable Diffusion VAE
 architecture (sd-vae-ft-ema's config, random weights built in memory: no download, no dataset).
 
 Usage, from the repository root on an accelerator machine:
@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dig_jax.latents import make_encode_fn
 from dig_jax.vae import AutoencoderKLConfig, diffusers_param_shapes, vae_from_state_dict
+from dig_jax.vae_programs import make_encode_fn
 
 # stabilityai/sd-vae-ft-ema's config.json (the other fields are the defaults).
 SD_VAE = AutoencoderKLConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,

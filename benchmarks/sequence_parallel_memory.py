@@ -44,7 +44,8 @@ from dig_jax.diffusion import create_diffusion  # noqa: E402
 from dig_jax.models import MODELS, create_model, split_params  # noqa: E402
 from dig_jax.models.sequence_parallel import SEQUENCE_AXIS  # noqa: E402
 from dig_jax.sharding import batch_sharding, make_mesh, state_shardings  # noqa: E402
-from dig_jax.train import build_optimizer, init_state, make_train_step  # noqa: E402
+from dig_jax.train import make_train_step  # noqa: E402
+from dig_jax.train_state import build_optimizer, init_state  # noqa: E402
 
 GIB = 2 ** 30
 ADAMW = dict(learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip_norm=0.0)

@@ -39,7 +39,7 @@ def base_config() -> ConfigDict:
     c.vae.path = ""                 # e.g. a local copy of stabilityai/sd-vae-ft-ema; encodes online, decodes samples
     c.vae.compute_dtype = "float32"  # VAE computation dtype (online encoding, decoding, dig_jax.encode); or "bfloat16"
 
-    c.encode = ConfigDict()         # `python -m dig_jax.encode`: latents of config.data's split (dig_jax.latents)
+    c.encode = ConfigDict()         # `python -m dig_jax.encode`: latents of config.data's split (dig_jax.data.latents)
     c.encode.batch_size = 128       # images per jitted encode call on each host (a multiple of its device count)
     c.encode.shard_size = 5000      # records per ArrayRecord shard; shard i is written by host i % process_count
     c.encode.flip = True            # also store the mirrored image's moments (what data.random_flip picks in training)

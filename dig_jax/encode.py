@@ -1,4 +1,5 @@
-"""Encodes a dataset split with a VAE into the sharded latent dir the "latents" dataset reads (format: dig_jax.latents).
+"""Encodes a dataset split with a VAE into the sharded latent dir that the "latents" dataset reads
+(format: dig_jax.data.latents).
 
     python -m dig_jax.encode --config configs/encode_in256.py --out LATENT_DIR \
         --config.data.kwargs.data_dir=$TFDS_DATA_DIR --config.vae.path=$VAE_DIR
@@ -27,19 +28,18 @@ from ml_collections import ConfigDict, config_flags
 
 from dig_jax import distributed
 from dig_jax.data import create_dataset
-from dig_jax.latents import (
+from dig_jax.data.latents import (
     METADATA_FILE,
     STORAGE_DTYPES,
     LatentLayout,
-    check_data_dir,
-    check_vae_compute_dtype,
-    make_encode_fn,
     read_metadata,
     serialize_records,
     vae_sha256,
     write_metadata,
 )
+from dig_jax.data_space import check_data_dir, check_vae_compute_dtype
 from dig_jax.vae import diffusers_config, load_vae
+from dig_jax.vae_programs import make_encode_fn
 
 # One record per group: random access reads only the record asked for (ArrayRecordDataSource requires it).
 _WRITER_OPTIONS = "group_size:1"

@@ -38,10 +38,10 @@ from dig_jax import distributed
 from dig_jax.config_base import base_config, model_from_config
 from dig_jax.diffusion.upsample_guidance import DEFAULT_ETA, DEFAULT_THETA, UpsampleGuidance
 from dig_jax.images import atomic_write_bytes, make_grid, save_npz, save_npz_chunks, save_png
-from dig_jax.latents import make_decoder
 from dig_jax.models import split_params
 from dig_jax.sampling import SAMPLERS, local_mesh, random_classes, sample_grid, sample_images
 from dig_jax.vae import load_vae
+from dig_jax.vae_programs import make_decoder
 
 DEFAULT_GRID_CLASSES = 16  # classes in the default grid (all of them for smaller label sets)
 

@@ -24,14 +24,13 @@ import dataclasses
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
-from dig_jax.config_base import model_from_config, paper_config
-from dig_jax.models import split_params
+from dig_jax.config_base import paper_config
 from dig_jax.models.sequence_parallel import SEQUENCE_AXIS
+from dig_jax.train_state import abstract_train_state
 
 AXES = ("data", "fsdp", SEQUENCE_AXIS)
 BATCH_AXES = ("data", "fsdp")
@@ -106,16 +105,6 @@ class StateMemory:
 
     total_bytes: int
     per_device_bytes: int
-
-
-def abstract_train_state(config: ConfigDict) -> dict:
-    """The trainer's state {"step", "params", "opt_state", "ema", "rng"} as ShapeDtypeStructs (nothing allocated)."""
-    from dig_jax.train import build_optimizer, init_state  # imported here: the trainer imports this module
-
-    model = nnx.eval_shape(lambda: model_from_config(config))
-    _, params, _ = split_params(model)
-    tx, _ = build_optimizer(config.optimizer)
-    return jax.eval_shape(lambda p: init_state(p, tx, config.seed), params)
 
 
 def report_state_memory(config_or_model_name: ConfigDict | str, mesh: Mesh | AbstractMesh,

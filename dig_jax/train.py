@@ -27,14 +27,15 @@ from dig_jax import checkpoint as ckpt
 from dig_jax import distributed
 from dig_jax.config_base import model_from_config
 from dig_jax.data import create_dataset, make_loader, to_global_batch
+from dig_jax.data_space import DataSpace, check_data_space, data_space
 from dig_jax.diffusion import create_diffusion, sample_timesteps
 from dig_jax.evaluation.training import TrainingEvaluator, check_eval_config
 from dig_jax.images import save_png
-from dig_jax.latents import DataSpace, check_data_space, data_space
 from dig_jax.metrics import MetricsLogger
 from dig_jax.models import split_params
 from dig_jax.sampling import sample_grid
 from dig_jax.sharding import DEFAULT_FSDP_MIN_SIZE, batch_sharding, make_mesh, state_shardings, under_mesh
+from dig_jax.train_state import build_optimizer, init_state
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -78,27 +79,10 @@ def validate_config(config: ConfigDict) -> None:
         raise ConfigError(str(error)) from error
 
 
-def build_optimizer(o: ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (the recipe: lr 1e-4 constant, no weight decay, no clipping), with optional warmup and clipping."""
-    schedule = optax.constant_schedule(o.learning_rate)
-    if o.warmup_steps:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), schedule], [o.warmup_steps])
-    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), adamw) if o.grad_clip_norm else adamw
-    return tx, schedule
-
-
-def init_state(params, tx, seed: int) -> dict:
-    """The whole training state as one pytree (what a checkpoint holds)."""
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "ema": jax.tree.map(jnp.copy, params), "rng": jax.random.key_data(jax.random.key(seed))}
-
-
 def make_train_step(graphdef, model_rest, diffusion, tx, schedule, ema_decay: float, to_x0):
     """(state, batch, frozen) -> (state, metrics): one AdamW step on the diffusion loss and an EMA update.
 
-    to_x0(frozen, batch, key) gives the diffused x0 (dig_jax.latents.DataSpace): the images, or latents sampled
+    to_x0(frozen, batch, key) gives the diffused x0 (dig_jax.data_space.DataSpace): the images, or latents sampled
     from the VAE posterior; `frozen` holds the constants it reads (VAE parameters), never trained nor saved.
     """
 

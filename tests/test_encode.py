@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 from dig_jax import encode
 from dig_jax.config_base import base_config
 from dig_jax.data import ShapesDataset, create_dataset, make_loader
-from dig_jax.latents import METADATA_FILE, LatentDataset, posterior_moments, read_metadata, vae_sha256
+from dig_jax.data.latents import METADATA_FILE, LatentDataset, read_metadata, vae_sha256
 from dig_jax.vae import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -31,6 +31,7 @@ from dig_jax.vae import (
     save_vae,
     vae_from_state_dict,
 )
+from dig_jax.vae_programs import posterior_moments
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 64

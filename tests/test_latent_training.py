@@ -16,7 +16,8 @@ from PIL import Image
 from test_encode import IMAGE_SIZE
 
 from dig_jax.config_base import base_config
-from dig_jax.latents import data_space, read_metadata, write_metadata
+from dig_jax.data.latents import read_metadata, write_metadata
+from dig_jax.data_space import data_space
 from dig_jax.sharding import make_mesh
 from dig_jax.train import ConfigError, train, validate_config
 from dig_jax.vae import DiagonalGaussian, load_vae

@@ -17,7 +17,8 @@ from dig_jax import checkpoint as ckpt
 from dig_jax import sample, sampling
 from dig_jax.images import to_uint8
 from dig_jax.models import split_params
-from dig_jax.train import build_optimizer, init_state, save_sample_grid
+from dig_jax.train import save_sample_grid
+from dig_jax.train_state import build_optimizer, init_state
 from dig_jax.vae import CONFIG_FILE, WEIGHTS_FILE, AutoencoderKLConfig, diffusers_param_shapes
 from tests.fixtures_tiny_run import TINY_CHECKPOINT_STEPS, TINY_IMAGE_SIZE, tiny_run  # noqa: F401
 

@@ -16,7 +16,7 @@ Sources are random access: `len(source)`, `source[i]` -> {"image": uint8 [H, W, 
 - "imagenet2012" (`imagenet.ImageNet2012`): TFDS-prepared ArrayRecord files read without TensorFlow, ADM
   center crop. Options: data_dir (required). Check a data dir with
   `python -m dig_jax.data.imagenet --data_dir DIR --dry_run`.
-- "latents" (`dig_jax.latents.LatentDataset`): VAE posterior moments written by `python -m dig_jax.encode`;
+- "latents" (`latents.LatentDataset`): VAE posterior moments written by `python -m dig_jax.encode`;
   `source[i]` -> {"moments": float32 [h, w, 2C], "flipped_moments" (when encoded with flips), "label"} and the
   loader yields {"moments": float32 [b, h, w, 2C], "label"}. Options: data_dir (required).
 """
@@ -37,8 +37,8 @@ def _imagenet2012(**kwargs: Any) -> RandomAccessSource:
 
 
 def _latents(**kwargs: Any) -> RandomAccessSource:
-    # Imported on demand: dig_jax.latents imports the VAE and flax.
-    from dig_jax.latents import LatentDataset
+    # Imported on demand: dig_jax.data.latents imports the VAE and flax.
+    from dig_jax.data.latents import LatentDataset
 
     return LatentDataset(**kwargs)
 

@@ -34,7 +34,7 @@ def to_signed_unit(image: np.ndarray) -> np.ndarray:
 class FlipAndScale(grain.transforms.RandomMap):
     """Loader transform: optional random horizontal flip, then uint8 -> float32 in [-1, 1]; label -> int32.
 
-    Latent records ({"moments", "flipped_moments"?, "label"}, see dig_jax.latents) are not flipped: a flip picks
+    Latent records ({"moments", "flipped_moments"?, "label"}, see dig_jax.data.latents) are not flipped: a flip picks
     the moments the encoder stored for the mirrored image (mirroring a latent is not encoding a mirrored image), and
     records without them always give "moments".
 
