@@ -4,7 +4,7 @@ Command (one host; docs/imagenet.md has the multi-host launch and how to get the
     python -m dig_jax.encode --config configs/encode_in256.py --out $LATENT_DIR \
         --config.data.kwargs.data_dir=$TFDS_DATA_DIR --config.vae.path=$VAE_DIR
 Output: 1,281,167 records (label + [2, 32, 32, 8] float16 moments: the image and its mirror) in 257 shards, 42 GB.
-Then train with --config.data.name=latents --config.data.kwargs.data_dir=$LATENT_DIR (see configs/dig_*2_in256.py).
+Then train with --config.data.name=latents --config.data.kwargs.data_dir=$LATENT_DIR (see configs/imagenet256.py).
 Rerunning the command resumes; it ends with a count check of every shard.
 """
 

@@ -11,7 +11,7 @@
 #   --dry-run           print the commands instead of running them
 #
 # Examples:
-#   launch/local.sh -- --config configs/dig_s2_in256.py --workdir workdirs/s2      # all local GPUs, one process
+#   launch/local.sh -- --config configs/imagenet256.py:DiG-S/2 --workdir workdirs/s2      # all local GPUs, one process
 #   launch/local.sh --processes 2 --cpu-devices 4 -- --config configs/quickstart.py --workdir workdirs/mh
 # With N processes, process 0 prints to the terminal and process i writes WORKDIR/process_<i>.log.
 set -euo pipefail

@@ -18,7 +18,7 @@
 #   --dry-run             print the sbatch command with its script instead of submitting
 #
 # Example:
-#   launch/slurm.sh --nodes 2 --venv .venv -- --config configs/dig_xl2_in256.py --workdir /shared/runs/xl2 \
+#   launch/slurm.sh --nodes 2 --venv .venv -- --config configs/imagenet256.py:DiG-XL/2 --workdir /shared/runs/xl2 \
 #       --config.data.kwargs.data_dir=/shared/tfds --config.global_batch_size=256
 set -euo pipefail
 
@@ -51,7 +51,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 if [[ $# -eq 0 ]]; then
-  echo "error: give the trainer's arguments after --, e.g. -- --config configs/dig_s2_in256.py --workdir DIR" >&2
+  echo "error: give the trainer's arguments after --, e.g. -- --config configs/imagenet256.py:DiG-S/2 --workdir DIR" >&2
   exit 2
 fi
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -28,7 +28,7 @@
 #
 # Example:
 #   launch/tpu_pod.sh run --zone us-central2-b --accelerator v4-32 --spot \
-#       --workdir gs://my-bucket/runs/dig_xl2 --data-dir gs://my-bucket/tfds -- --config configs/dig_xl2_in256.py
+#       --workdir gs://my-bucket/runs/dig_xl2 --data-dir gs://my-bucket/tfds -- --config configs/imagenet256.py:DiG-XL/2
 #   launch/tpu_pod.sh delete --zone us-central2-b
 set -euo pipefail
 

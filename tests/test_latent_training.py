@@ -5,7 +5,6 @@ Shares the tiny random VAE (64 px -> 8x8x4) and "shapes" encode setup of test_en
 """
 
 import dataclasses
-import importlib
 import json
 import os
 
@@ -15,7 +14,8 @@ import pytest
 from PIL import Image
 from test_encode import IMAGE_SIZE
 
-from dig_jax.config_base import base_config
+from configs import imagenet256
+from dig_jax.config_base import PAPER_RESULTS, base_config
 from dig_jax.data.latents import read_metadata, write_metadata
 from dig_jax.data_space import data_space
 from dig_jax.sharding import make_mesh
@@ -24,7 +24,6 @@ from dig_jax.vae import DiagonalGaussian, load_vae
 
 LATENT_SIZE = IMAGE_SIZE // 8
 NUM_CLASSES = 12
-PAPER_CONFIGS = [f"configs.{family}_{size}2_in256" for family in ("dig", "dit") for size in ("s", "b", "l", "xl")]
 
 
 @pytest.fixture
@@ -163,9 +162,10 @@ def test_latent_dirs_that_cannot_train_are_rejected(tmp_path, vae_dir, latent_di
         validate_config(latent_config(vae_dir, rescaled))
 
 
-@pytest.mark.parametrize("module_name", PAPER_CONFIGS)
-def test_paper_configs_validate_given_data_and_vae_paths(tmp_path, vae_dir, latent_dir, module_name):
-    config = importlib.import_module(module_name).get_config()
+@pytest.mark.parametrize("model_name", PAPER_RESULTS)
+def test_paper_configs_validate_given_data_and_vae_paths(tmp_path, vae_dir, latent_dir, model_name):
+    config = imagenet256.get_config(model_name)
+    assert config.model.name == model_name
     with pytest.raises(ConfigError, match=r"config.data.kwargs.data_dir is empty.*docs/imagenet.md"):
         validate_config(config)
     # Online: a TFDS data dir and the VAE (the tiny one has SD's 8x downsampling and 4 latent channels).
@@ -178,3 +178,11 @@ def test_paper_configs_validate_given_data_and_vae_paths(tmp_path, vae_dir, late
     config.data.kwargs.data_dir = imagenet_latents
     config.vae.path = ""
     validate_config(config)
+
+
+def test_paper_config_names_its_models_and_their_paper_fid():
+    for model_name, fid in PAPER_RESULTS.items():
+        assert f"{model_name} {fid:.2f}" in imagenet256.__doc__
+    for bad in (None, "DiG-Q/2"):
+        with pytest.raises(ValueError, match="configs/imagenet256.py:DiG-XL/2"):
+            imagenet256.get_config(bad)

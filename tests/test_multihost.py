@@ -223,11 +223,11 @@ def test_local_launcher_starts_one_process_or_n_connected_ones():
 
 def test_slurm_launcher_runs_one_task_per_gpu_through_srun():
     lines = _dry_run("slurm.sh", "--dry-run", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--",
-                     "--config", "configs/dig_xl2_in256.py", "--workdir", "/shared/runs/xl2")
+                     "--config", "configs/imagenet256.py:DiG-XL/2", "--workdir", "/shared/runs/xl2")
     assert lines[0] == "sbatch <<'SCRIPT'" and lines[-1] == "SCRIPT"
     for directive in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--requeue"):
         assert f"#SBATCH {directive}" in lines
-    assert ("srun --kill-on-bad-exit=1 python3 -m dig_jax.train --config configs/dig_xl2_in256.py "
+    assert ("srun --kill-on-bad-exit=1 python3 -m dig_jax.train --config configs/imagenet256.py:DiG-XL/2 "
             "--workdir /shared/runs/xl2") in [line.rstrip() for line in lines]
     subprocess.run(["bash", "-n"], input="\n".join(lines[1:-1]), text=True, check=True)
 
@@ -235,7 +235,7 @@ def test_slurm_launcher_runs_one_task_per_gpu_through_srun():
 def test_tpu_pod_launcher_creates_sets_up_and_trains_on_all_workers():
     lines = _dry_run("tpu_pod.sh", "run", "--dry-run", "--zone", "us-central2-b", "--accelerator", "v4-32", "--spot",
                      "--workdir", "gs://runs-bucket/xl2", "--data-dir", "gs://data-bucket/tfds", "--",
-                     "--config", "configs/dig_xl2_in256.py")
+                     "--config", "configs/imagenet256.py:DiG-XL/2")
     assert lines[0].startswith("gcloud compute tpus queued-resources create dig-jax --zone=us-central2-b ")
     assert "--accelerator-type=v4-32" in lines[0] and lines[0].rstrip().endswith("--spot")
     ssh = [line for line in lines if line.startswith("gcloud compute tpus tpu-vm ssh dig-jax")]
@@ -246,7 +246,7 @@ def test_tpu_pod_launcher_creates_sets_up_and_trains_on_all_workers():
     assert "gcsfuse --implicit-dirs --rename-dir-limit=1000000 runs-bucket ~/gcs/runs-bucket" in train
     assert ("TFDS_DATA_DIR=$HOME/gcs/data-bucket/tfds ~/venv/bin/python -m dig_jax.train "
             "--workdir=$HOME/gcs/runs-bucket/xl2 --config.data.kwargs.data_dir=$HOME/gcs/data-bucket/tfds "
-            "--config configs/dig_xl2_in256.py") in train
+            "--config configs/imagenet256.py:DiG-XL/2") in train
     for script in (setup, train):
         subprocess.run(["bash", "-n"], input=script, text=True, check=True)
     assert _dry_run("tpu_pod.sh", "delete", "--dry-run", "--zone", "z")[0].rstrip() == (
