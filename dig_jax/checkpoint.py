@@ -1,7 +1,7 @@
 """Checkpoints of a training run: train state (orbax, async, keep-N) and each host's data-loader position.
 
 Layout under the run's workdir:
-  config.json                  the run's config (written once, atomically; checked on resume)
+  config.json                  the run's config (written atomically at every start; checked once a checkpoint exists)
   checkpoints/<step>/state     {"step", "params", "opt_state", "ema", "rng"} (orbax, sharded arrays)
   checkpoints/<step>/data      one JSON per process: the grain loader's position
 Orbax writes each step to a temporary folder and renames it when complete, so a crash mid-save leaves the
@@ -70,10 +70,18 @@ class Checkpointer:
         self._manager.close()
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` holds a finished checkpoint (orbax renames a step's folder to <step> once it is complete)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def write_run_config(workdir: str, config_json: str) -> None:
-    """Records the run's config; refuses to reuse a workdir whose model or data differ (incompatible state)."""
+    """Records the run's config. Once `workdir` holds a checkpoint, refuses a config whose model or data differ
+    (the state would not fit); before that, a new config replaces the recorded one: a start that failed left
+    nothing it must stay compatible with."""
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
+    if os.path.exists(path) and has_checkpoint(workdir):
         previous = read_run_config(workdir)
         current = json.loads(config_json)
         for section in ("model", "data"):

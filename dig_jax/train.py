@@ -32,10 +32,12 @@ from dig_jax.diffusion import create_diffusion, sample_timesteps
 from dig_jax.evaluation.training import TrainingEvaluator, check_eval_config
 from dig_jax.images import save_png
 from dig_jax.metrics import MetricsLogger
-from dig_jax.models import split_params
+from dig_jax.models import MODELS, model_config, split_params
+from dig_jax.models.dit import ATTENTION_IMPLS
 from dig_jax.sampling import sample_grid
 from dig_jax.sharding import DEFAULT_FSDP_MIN_SIZE, batch_sharding, make_mesh, state_shardings, under_mesh
 from dig_jax.train_state import build_optimizer, init_state
+from pallas_kernels import IMPLS as GLA_IMPLS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -46,6 +48,34 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged; the message names the step and the last good checkpoint."""
+
+
+def validate_model_config(m: ConfigDict) -> None:
+    """Checks config.model without building the model (which takes seconds for XL): the name, the option keys, the
+    input size against the patch size and the GLA / attention implementation names."""
+    if m.name not in MODELS:
+        raise ConfigError(f"config.model.name={m.name!r} is not a model; known: {', '.join(MODELS)}")
+    try:
+        architecture = model_config(m.name, input_size=m.input_size, in_channels=m.in_channels,
+                                    num_classes=m.num_classes, learn_sigma=m.learn_sigma, **m.options.to_dict())
+    except ValueError as error:  # the only ValueError it raises: option keys the model does not have
+        raise ConfigError(f"config.model.options: {error}") from error
+    if m.input_size % architecture.patch_size:
+        raise ConfigError(f"config.model.input_size={m.input_size} must be a multiple of {m.name}'s patch size "
+                          f"{architecture.patch_size}")
+    backend = jax.default_backend()
+    gla_impl = getattr(architecture, "gla_impl", "auto")  # DiG only
+    if gla_impl not in ("auto", *GLA_IMPLS):
+        raise ConfigError(f"config.model.options.gla_impl must be one of {('auto', *GLA_IMPLS)}, got {gla_impl!r}")
+    if gla_impl == "pallas" and backend not in ("gpu", "tpu"):
+        raise ConfigError(f"config.model.options.gla_impl='pallas' needs a GPU or TPU, this is {backend}: use "
+                          "'auto' or 'xla'")
+    attention_impl = getattr(architecture, "attention_impl", "xla")  # DiT only
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"config.model.options.attention_impl must be one of {ATTENTION_IMPLS}, got "
+                          f"{attention_impl!r}")
+    if attention_impl == "cudnn" and backend != "gpu":
+        raise ConfigError(f"config.model.options.attention_impl='cudnn' needs a GPU, this is {backend}: use 'xla'")
 
 
 def validate_config(config: ConfigDict) -> None:
@@ -72,6 +102,7 @@ def validate_config(config: ConfigDict) -> None:
     if config.global_batch_size % batch_devices:
         raise ConfigError(f"config.global_batch_size={config.global_batch_size} must be divisible by the "
                           f"{batch_devices} devices that split it (all devices / config.mesh.seq)")
+    validate_model_config(config.model)
     try:  # data space, data dir, VAE folder and latent shapes (reads metadata and config files only)
         check_data_space(config)
         check_eval_config(config)  # in-training FID: its files exist and its keys fit (file headers only)

@@ -134,6 +134,24 @@ def test_workdir_of_another_model_is_refused(tmp_path):
         train(other, str(tmp_path))
 
 
+def test_a_bad_model_config_writes_nothing_and_a_workdir_without_checkpoints_takes_a_new_config(tmp_path):
+    workdir = str(tmp_path / "run")
+    for key, value, message in (("model.name", "DiG-Q/2", "config.model.name='DiG-Q/2' is not a model"),
+                                ("model.input_size", 18, "config.model.input_size=18 must be a multiple of "
+                                                         "DiG-S/4's patch size 4"),
+                                ("model.options.gla_impl", "foo", "config.model.options.gla_impl must be one of")):
+        with pytest.raises(ConfigError, match=message):
+            train(tiny_config(**{key: value}), workdir)
+        assert not os.path.exists(workdir)
+    # A start that failed after recording its config (the model's own checks run when it is built) left no
+    # checkpoint: the workdir accepts another config and records it.
+    os.makedirs(workdir)
+    ckpt.write_run_config(workdir, tiny_config(**{"model.options.num_heads": 3}).to_json_best_effort())
+    config = tiny_config(num_steps=1)
+    train(config, workdir)
+    assert ckpt.read_run_config(workdir)["model"] == json.loads(config.to_json_best_effort())["model"]
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"compute_dtype": "float16"}, "config.compute_dtype"),
     ({"global_batch_size": 0}, "config.global_batch_size"),
