@@ -22,10 +22,10 @@ import numpy as np
 
 
 def write_random_latents(directory: str, num_records: int, latent_size: int = 32, num_classes: int = 1000) -> None:
-    """A complete latent dir of random moments (mean, log-variance) with flipped views, in dig_jax.latents' format."""
+    """A complete latent dir of random moments (mean, log-variance) with flipped views (dig_jax.data.latents)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from dig_jax.latents import LatentLayout, serialize_records, write_metadata
+    from dig_jax.data.latents import LatentLayout, serialize_records, write_metadata
 
     layout = LatentLayout(split="train", num_records=num_records, shard_size=num_records // 4, image_size=256,
                           latent_shape=(latent_size, latent_size, 4), dtype="float16", flipped=True,
