@@ -22,6 +22,9 @@ import argparse
 import dataclasses
 import functools
 import os
+import re
+import sys
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -282,6 +285,8 @@ def _training_checkpoint_entry(checkpoint: Mapping, prefer: str) -> Mapping:
 
 
 def _read_checkpoint_file(path: Path) -> Mapping:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == SAFETENSORS_SUFFIX:
         return _read_safetensors(path)
     if path.suffix in TORCH_SUFFIXES:
@@ -292,7 +297,10 @@ def _read_checkpoint_file(path: Path) -> Mapping:
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     # The flax reader, unlike the numpy one, handles bfloat16; host memory keeps accelerators free.
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        return {name: np.asarray(array) for name, array in safetensors.flax.load_file(path).items()}
+        try:
+            return {name: np.asarray(array) for name, array in safetensors.flax.load_file(path).items()}
+        except safetensors.SafetensorError as error:
+            raise ValueError(f"{path} is not a safetensors file ({error})") from error
 
 
 def _torch_load(path: Path):
@@ -300,7 +308,15 @@ def _torch_load(path: Path):
     # Official training checkpoints store their command line as an argparse.Namespace, which the weights-only
     # unpickler refuses unless allowed; it is a plain attribute bag, so allowing it keeps the load safe.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for bytes it cannot read (UnicodeDecodeError, ...)
+            if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+                raise ValueError(f"{path} is not a PyTorch checkpoint") from error
+            refused = re.search(r"WeightsUnpickler error: (.*?)(?= Please use|$)", str(error), re.DOTALL)
+            detail = " ".join(refused.group(1).split()) if refused else f"{type(error).__name__}: {error}"
+            raise ValueError(f"{path} could not be read as weights alone ({detail}); no code from it is run, so it "
+                             "must hold only tensors and plain containers") from error
 
 
 def _import_torch(purpose: str):
@@ -372,6 +388,18 @@ def main(argv=None) -> None:
     parser.add_argument("--prefer", choices=("ema", "model"), default="ema",
                         help="which weights of a training checkpoint to convert")
     args = parser.parse_args(argv)
+    try:
+        convert_file(args)
+    except (ValueError, OSError, ImportError) as error:  # bad files, names or shapes; unwritable outputs
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def convert_file(args: argparse.Namespace) -> None:
+    """What `main` runs: args.input -> args.output in args.direction for model args.model."""
+    output_folder = Path(args.output).resolve().parent
+    if not output_folder.is_dir():
+        raise FileNotFoundError(f"--output {args.output}: folder {output_folder} does not exist")
     new_model = functools.partial(create_model, args.model, input_size=args.input_size, rngs=nnx.Rngs(0))
     if args.direction == "to_flax":
         state = load_torch_state_dict(args.input, prefer=args.prefer)  # read first: fail fast on a bad file

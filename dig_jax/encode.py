@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 from dig_jax import distributed
+from dig_jax.config_cli import parse_config_flags
 from dig_jax.data import create_dataset
 from dig_jax.data.latents import (
     METADATA_FILE,
@@ -265,4 +266,4 @@ if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Encode config file (configs/encode_in256.py).")
     _OUT = flags.DEFINE_string("out", None, "Latent dir to write (or to resume). Local path or gs://.")
     flags.mark_flags_as_required(["config", "out"])
-    app.run(main)
+    app.run(main, flags_parser=parse_config_flags)

@@ -11,7 +11,6 @@ import functools
 import gc
 import os
 import signal
-import sys
 from collections.abc import Callable
 
 import jax
@@ -26,6 +25,7 @@ from ml_collections import ConfigDict, config_flags
 from dig_jax import checkpoint as ckpt
 from dig_jax import distributed
 from dig_jax.config_base import model_from_config
+from dig_jax.config_cli import exit_with_error, parse_config_flags
 from dig_jax.data import create_dataset, make_loader, to_global_batch
 from dig_jax.data_space import DataSpace, check_data_space, data_space
 from dig_jax.diffusion import create_diffusion, sample_timesteps
@@ -37,9 +37,10 @@ from dig_jax.models.dit import ATTENTION_IMPLS
 from dig_jax.sampling import sample_grid
 from dig_jax.sharding import DEFAULT_FSDP_MIN_SIZE, batch_sharding, make_mesh, state_shardings, under_mesh
 from dig_jax.train_state import build_optimizer, init_state
-from pallas_kernels import IMPLS as GLA_IMPLS
+from pallas_kernels import CONV_IMPLS, GLA_IMPLS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+_ACCELERATOR_IMPLS = {"pallas": ("gpu", "tpu"), "cudnn": ("gpu",)}  # kernel implementations -> backends they run on
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,8 @@ class NonFiniteLossError(RuntimeError):
 
 def validate_model_config(m: ConfigDict) -> None:
     """Checks config.model without building the model (which takes seconds for XL): the name, the option keys, the
-    input size against the patch size and the GLA / attention implementation names."""
+    input size against the patch size, and the kernel implementations (GLA, convolution, attention): their names,
+    and that this backend runs them."""
     if m.name not in MODELS:
         raise ConfigError(f"config.model.name={m.name!r} is not a model; known: {', '.join(MODELS)}")
     try:
@@ -63,19 +65,27 @@ def validate_model_config(m: ConfigDict) -> None:
     if m.input_size % architecture.patch_size:
         raise ConfigError(f"config.model.input_size={m.input_size} must be a multiple of {m.name}'s patch size "
                           f"{architecture.patch_size}")
-    backend = jax.default_backend()
-    gla_impl = getattr(architecture, "gla_impl", "auto")  # DiG only
-    if gla_impl not in ("auto", *GLA_IMPLS):
-        raise ConfigError(f"config.model.options.gla_impl must be one of {('auto', *GLA_IMPLS)}, got {gla_impl!r}")
-    if gla_impl == "pallas" and backend not in ("gpu", "tpu"):
-        raise ConfigError(f"config.model.options.gla_impl='pallas' needs a GPU or TPU, this is {backend}: use "
-                          "'auto' or 'xla'")
-    attention_impl = getattr(architecture, "attention_impl", "xla")  # DiT only
-    if attention_impl not in ATTENTION_IMPLS:
-        raise ConfigError(f"config.model.options.attention_impl must be one of {ATTENTION_IMPLS}, got "
-                          f"{attention_impl!r}")
-    if attention_impl == "cudnn" and backend != "gpu":
-        raise ConfigError(f"config.model.options.attention_impl='cudnn' needs a GPU, this is {backend}: use 'xla'")
+    implementations = {"gla_impl": ("auto", *GLA_IMPLS), "conv_impl": ("auto", *CONV_IMPLS),  # DiG's
+                       "attention_impl": ATTENTION_IMPLS}  # DiT's
+    for key, allowed in implementations.items():
+        impl = getattr(architecture, key, None)
+        if impl is not None and impl not in allowed:
+            raise ConfigError(f"config.model.options.{key} must be one of {allowed}, got {impl!r}")
+        backends = _ACCELERATOR_IMPLS.get(impl, (jax.default_backend(),))
+        if jax.default_backend() not in backends:
+            raise ConfigError(f"config.model.options.{key}={impl!r} needs a {' or '.join(backends).upper()} backend, "
+                              f"this is {jax.default_backend()}: use another of {allowed}")
+
+
+def check_workdir(workdir: str) -> None:
+    """`workdir` is, or can be made, a folder this process writes in (checked before anything is written)."""
+    folder = os.path.abspath(workdir)
+    while not os.path.exists(folder):  # the nearest existing folder is where it will be created
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--workdir={workdir}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir={workdir}: {folder} is not writable")
 
 
 def validate_config(config: ConfigDict) -> None:
@@ -270,6 +280,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     distributed.initialize(config)  # first: connects the processes of a multi-host job before any device is used
     validate_config(config)
+    check_workdir(workdir)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:
@@ -355,20 +366,9 @@ def main(argv):
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, ckpt.CheckpointError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_flags(argv):
-    """absl parsing, with unknown `--config.<key>` overrides reported by name instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as error:
-        overrides = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
-        print(f"error: unknown config key among {overrides}: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(str(error))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=parse_config_flags)

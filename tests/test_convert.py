@@ -262,6 +262,29 @@ def test_command_line_converts_both_ways(tmp_path, monkeypatch):
         np.testing.assert_array_equal(back[key], array, err_msg=key)
 
 
+def test_command_line_failures_are_one_error_line(tmp_path, monkeypatch, capsys):
+    name, kwargs = TINY["DiG"]
+    monkeypatch.setattr(convert, "create_model", functools.partial(create_model, **kwargs))
+    save_torch_checkpoint(tiny_model("DiT"), tmp_path / "dit.safetensors")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "random.safetensors").write_bytes(np.random.default_rng(1).bytes(4096))
+    output = str(tmp_path / "out.safetensors")
+    for arguments, message in (
+            (["--input", str(tmp_path / "missing.pt")], f"checkpoint {tmp_path / 'missing.pt'} does not exist"),
+            (["--input", str(tmp_path / "random.pt")], f"{tmp_path / 'random.pt'} is not a PyTorch checkpoint"),
+            (["--input", str(tmp_path / "random.safetensors")], "random.safetensors is not a safetensors file"),
+            (["--input", str(tmp_path / "dit.safetensors")], "PyTorch state dict does not fit DiG(depth=4, "),
+            (["--input", str(tmp_path / "dit.safetensors"), "--output", str(tmp_path / "no" / "out.safetensors")],
+             f"folder {tmp_path / 'no'} does not exist"),
+            (["--input", str(tmp_path / "dit.safetensors"), "--model", "DiG-Q/2"], "unknown model name 'DiG-Q/2'")):
+        with pytest.raises(SystemExit) as exit_info:
+            convert.main(["--model", name, "--input_size", "8", "--output", output, *arguments])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and error.count("\n") == 1 and message in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dit.safetensors", "random.pt", "random.safetensors"]
+
+
 def test_flax_weights_reject_another_model(tmp_path):
     save_flax_weights(tiny_model("DiG"), tmp_path / "dig.safetensors")
     with pytest.raises(ValueError, match=r"missing keys \[blocks/4/"):

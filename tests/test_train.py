@@ -167,18 +167,42 @@ def test_bad_config_values_are_rejected_by_name(tmp_path, overrides, message):
         train(tiny_config(**overrides), str(tmp_path))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("--config.bogus=1", "bogus"),
-    ("--config.model.bogus=1", "config.model.bogus"),
-    ("--config.num_steps=abc", "config.num_steps"),
+@pytest.mark.parametrize("arguments,message", [
+    (["--config.model.name=DiG-Q/2"], "error: config.model.name='DiG-Q/2' is not a model; known: DiG-S/2,"),
+    (["--config.model.input_size=18"], "error: config.model.input_size=18 must be a multiple of DiG-S/4's patch size"),
+    (["--config.model.options.gla_impl=foo"], "error: config.model.options.gla_impl must be one of ('auto', "),
+    (["--config.global_batch_size=abc"], "error: --config.global_batch_size=abc: invalid literal for int() with "
+                                         "base 10: 'abc' (config.global_batch_size must be of type int)"),
+    (["--config.num_steps=3", "--config.model.bogus=1"], "error: --config.model.bogus: config.model.bogus is not a "
+                                                         "config key; config.model has in_channels, input_size,"),
+    (["--config.bogus=1"], "error: --config.bogus: config.bogus is not a config key; config has checkpoint_every,"),
+    (["--config", "configs/imagenet256.py"], "error: --config=configs/imagenet256.py: ValueError: "
+                                              "configs/imagenet256.py takes the model after a colon"),
+    (["--config", "configs/missing.py"], "error: --config=configs/missing.py: no such config file"),
 ])
-def test_bad_command_line_overrides_name_the_key(tmp_path, override, message):
+def test_command_line_errors_are_one_line_naming_the_problem(tmp_path, arguments, message):
+    workdir = str(tmp_path / "run")
     result = subprocess.run(
-        [sys.executable, "-m", "dig_jax.train", "--config", "configs/quickstart.py", "--workdir", str(tmp_path),
-         override], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+        [sys.executable, "-m", "dig_jax.train", "--config", "configs/quickstart.py", "--workdir", workdir,
+         *arguments], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(message), result.stderr
+    assert not os.path.exists(workdir)
+
+
+def test_a_workdir_that_is_a_file_or_not_writable_is_refused_by_name(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("user data")
+    for workdir in (a_file, a_file / "run"):
+        with pytest.raises(ConfigError, match=f"--workdir={workdir}: {a_file} is a file, not a folder"):
+            train(tiny_config(), str(workdir))
+    assert a_file.read_text() == "user data"
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes anyway; a read-only mount is what refuses it
+        monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(read_only))
+    with pytest.raises(ConfigError, match=f"--workdir={read_only / 'run'}: {read_only} is not writable"):
+        train(tiny_config(), str(read_only / "run"))
 
 
 def test_quickstart_config_trains_and_writes_a_sample_grid(tmp_path):
