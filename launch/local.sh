@@ -7,7 +7,7 @@
 #   --processes N       start N processes connected through a coordinator on localhost (default 1)
 #   --cpu-devices K     run on the CPU with K devices per process (XLA's host-platform device count)
 #   --port P            coordinator port for --processes > 1 (default 12355)
-#   --python PY         interpreter (default: python3)
+#   --python PY         interpreter (default: the repository's .venv/bin/python when present, else python3)
 #   --dry-run           print the commands instead of running them
 #
 # Examples:
@@ -19,7 +19,7 @@ set -euo pipefail
 processes=1
 cpu_devices=""
 port=12355
-python=python3
+python=""
 dry_run=0
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
@@ -59,6 +59,9 @@ if [[ -z "$workdir" ]]; then
 fi
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "$python" ]]; then  # the README's setup installs everything into .venv
+  if [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"; else python=python3; fi
+fi
 prefix=(env "PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}")  # dig_jax importable from any directory
 if [[ -n "$cpu_devices" ]]; then
   prefix+=(JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$cpu_devices")

@@ -3,6 +3,7 @@ resuming on a different number of processes, how the distributed setup is detect
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -207,11 +208,19 @@ def _remote_script(ssh_line: str) -> str:
     return command.removeprefix("--command=")
 
 
-def test_local_launcher_starts_one_process_or_n_connected_ones():
-    (line,) = _dry_run("local.sh", "--dry-run", "--", "--config", "configs/quickstart.py", "--workdir", "w")
+def _launcher_in(repo) -> str:
+    """A copy of launch/local.sh in the folder `repo`, which stands for a checkout (with or without .venv)."""
+    (repo / "launch").mkdir(parents=True)
+    shutil.copy(LAUNCH / "local.sh", repo / "launch" / "local.sh")
+    return str(repo / "launch" / "local.sh")
+
+
+def test_local_launcher_starts_one_process_or_n_connected_ones(tmp_path):
+    launcher = _launcher_in(tmp_path)  # no .venv: the system's python3
+    (line,) = _dry_run(launcher, "--dry-run", "--", "--config", "configs/quickstart.py", "--workdir", "w")
     assert line.startswith("env PYTHONPATH=") and "XLA_FLAGS" not in line
     assert line.rstrip().endswith(" python3 -m dig_jax.train --config configs/quickstart.py --workdir w")
-    lines = _dry_run("local.sh", "--dry-run", "--processes", "2", "--cpu-devices", "4", "--port", "4321", "--",
+    lines = _dry_run(launcher, "--dry-run", "--processes", "2", "--cpu-devices", "4", "--port", "4321", "--",
                      "--config", "configs/quickstart.py", "--workdir=w")
     assert len(lines) == 2
     for i, line in enumerate(lines):
@@ -219,6 +228,20 @@ def test_local_launcher_starts_one_process_or_n_connected_ones():
         assert (f"--config.distributed.coordinator_address=localhost:4321 --config.distributed.num_processes=2 "
                 f"--config.distributed.process_id={i}") in line
     assert lines[1].endswith("> w/process_1.log 2>&1 &")
+
+
+def test_local_launcher_runs_the_checkouts_venv_python_when_there_is_one(tmp_path):
+    launcher = _launcher_in(tmp_path)
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$PYTHONPATH" "$@" > "$(dirname "$0")/called"\n')
+    venv_python.chmod(0o755)
+    subprocess.run(["bash", launcher, "--", "--config", "configs/quickstart.py", "--workdir", "w"], check=True)
+    pythonpath, *arguments = (venv_python.parent / "called").read_text().splitlines()
+    assert pythonpath.split(":")[0] == str(tmp_path)
+    assert arguments == ["-m", "dig_jax.train", "--config", "configs/quickstart.py", "--workdir", "w"]
+    (line,) = _dry_run(launcher, "--dry-run", "--python", "python3.12", "--", "--workdir", "w")  # asked for
+    assert " python3.12 -m dig_jax.train " in line
 
 
 def test_slurm_launcher_runs_one_task_per_gpu_through_srun():
