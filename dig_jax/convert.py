@@ -285,8 +285,6 @@ def _training_checkpoint_entry(checkpoint: Mapping, prefer: str) -> Mapping:
 
 
 def _read_checkpoint_file(path: Path) -> Mapping:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == SAFETENSORS_SUFFIX:
         return _read_safetensors(path)
     if path.suffix in TORCH_SUFFIXES:
@@ -294,7 +292,13 @@ def _read_checkpoint_file(path: Path) -> Mapping:
     raise ValueError(f"checkpoint path must end in {', '.join(TORCH_SUFFIXES)} or {SAFETENSORS_SUFFIX}, got {path}")
 
 
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+
+
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    _check_exists(path)
     # The flax reader, unlike the numpy one, handles bfloat16; host memory keeps accelerators free.
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         try:
@@ -305,6 +309,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def _torch_load(path: Path):
     torch = _import_torch(f"reading {path}")
+    _check_exists(path)
     # Official training checkpoints store their command line as an argparse.Namespace, which the weights-only
     # unpickler refuses unless allowed; it is a plain attribute bag, so allowing it keeps the load safe.
     with torch.serialization.safe_globals([argparse.Namespace]):
