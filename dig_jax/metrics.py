@@ -6,6 +6,8 @@ import time
 
 from tensorboardX import SummaryWriter
 
+from dig_jax.images import atomic_write_bytes
+
 
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -20,19 +22,19 @@ class MetricsLogger:
     (re)start, which includes compilation, is reported but not used for the ETA.
     """
 
-    def __init__(self, workdir: str, *, total_steps: int, global_batch_size: int, is_main: bool):
+    def __init__(self, workdir: str, *, start_step: int, total_steps: int, global_batch_size: int, is_main: bool):
+        """start_step: the step training (re)starts from; metrics.jsonl lines of later steps, logged by a run that
+        stopped before it saved them, are dropped, so that every step appears once."""
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
         self.is_main = is_main
-        self._last_step = None
-        self._last_time = None
+        self._last_step, self._last_time = start_step, time.perf_counter()
         self._steps_per_second = None
         if is_main:
             self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-    def start(self, step: int) -> None:
-        self._last_step, self._last_time = step, time.perf_counter()
+            path = os.path.join(workdir, "metrics.jsonl")
+            drop_lines_after(path, start_step)
+            self._jsonl = open(path, "a")
 
     def write(self, step: int, scalars: dict) -> dict:
         """Logs `scalars` (floats) at `step` (the number of completed steps); returns them with throughput."""
@@ -83,3 +85,14 @@ class MetricsLogger:
         if self.is_main:
             self._tensorboard.close()
             self._jsonl.close()
+
+
+def drop_lines_after(path: str, step: int) -> None:
+    """Rewrites the metrics.jsonl at `path` (atomically) without the lines of steps after `step`, if it has any."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        atomic_write_bytes(path, "".join(kept).encode())

@@ -316,10 +316,11 @@ def train(config: ConfigDict, workdir: str) -> dict:
     if start_step >= config.num_steps and is_main:
         print(f"Nothing to do: the run already reached config.num_steps={config.num_steps}.", flush=True)
 
-    logger = MetricsLogger(workdir, total_steps=config.num_steps, global_batch_size=config.global_batch_size,
-                           is_main=is_main)
+    logger = MetricsLogger(workdir, start_step=start_step, total_steps=config.num_steps,
+                           global_batch_size=config.global_batch_size, is_main=is_main)
     logged, stopping = {}, False
-    logger.start(start_step)
+    if is_main and start_step < config.num_steps:
+        print(f"Compiling the train step of {config.model.name} (the first step waits for it) ...", flush=True)
     with StopRequest() as stop:
         try:
             steps_per_call = config.steps_per_call
@@ -331,13 +332,13 @@ def train(config: ConfigDict, workdir: str) -> dict:
                     freeze_long_lived_objects()
                 last = step == config.num_steps
                 if step % config.log_every == 0 or last:
-                    logged = logger.write(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
+                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    check_finite(step, scalars, checkpointer)  # before logging: a diverged step is no log row
+                    logged = logger.write(step, scalars)
                 stopping = stop_agreed(stop, step, config.log_every)
                 if step % config.checkpoint_every == 0 or last or stopping:
                     check_finite(step, jax.device_get(metrics), checkpointer)
                     checkpointer.save(step, state, loader)
-                elif step % config.log_every == 0:
-                    check_finite(step, logged, checkpointer)
                 if evaluator is not None and step % config.eval.every == 0 and not stopping:
                     nnx.update(trainer.model, host_ema(state))  # every process samples the same images
                     logger.write_eval(step, evaluator(trainer.model))
@@ -348,7 +349,8 @@ def train(config: ConfigDict, workdir: str) -> dict:
         finally:
             checkpointer.close()
             logger.close()
-    if not stopping and config.sample.per_class:
+    grid_exists = os.path.exists(os.path.join(workdir, f"samples_{int(state['step'])}.png"))  # a rerun keeps it
+    if not stopping and config.sample.per_class and not grid_exists:
         ema = host_ema(state)
         if is_main:
             path = save_sample_grid(config, trainer.model, ema, workdir, int(state["step"]), space.decode)
