@@ -4,7 +4,6 @@ resuming on a different number of processes, how the distributed setup is detect
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from local_processes import free_port, run_processes
 from multihost_worker import SMALL_FSDP_MIN_SIZE, concatenated, run_steps, tiny_config
 
 from dig_jax import distributed
@@ -23,31 +23,15 @@ WORKER = Path(__file__).with_name("multihost_worker.py")
 RUN_TIMEOUT_S = 300  # generous: the processes share the machine with the rest of the suite
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _run_job(workdir, num_steps, *, processes, devices_per_process, mesh_data, mesh_fsdp) -> list[str]:
     """Runs multihost_worker.py as `processes` local processes to completion; returns each one's output."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
-    procs = [subprocess.Popen(
-        [sys.executable, str(WORKER), str(workdir), "--num_steps", str(num_steps), "--processes", str(processes),
-         "--process_id", str(i), "--port", str(port), "--mesh_data", str(mesh_data), "--mesh_fsdp", str(mesh_fsdp)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
-    try:
-        outputs = [proc.communicate(timeout=RUN_TIMEOUT_S)[0] for proc in procs]
-    finally:
-        for proc in procs:  # one failed process leaves the others waiting for it
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for i, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"process {i} of {processes} failed:\n{output[-5000:]}"
-    return outputs
+    commands = [[sys.executable, str(WORKER), str(workdir), "--num_steps", str(num_steps), "--processes",
+                 str(processes), "--process_id", str(i), "--port", str(port), "--mesh_data", str(mesh_data),
+                 "--mesh_fsdp", str(mesh_fsdp)] for i in range(processes)]
+    return run_processes(commands, [env] * processes, timeout=RUN_TIMEOUT_S)
 
 
 def _logged_losses(workdir) -> dict[int, float]:

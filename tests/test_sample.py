@@ -3,15 +3,14 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from local_processes import free_port, run_processes
 from PIL import Image
 from safetensors.numpy import save_file
-from test_multihost import _free_port
 
 from dig_jax import checkpoint as ckpt
 from dig_jax import sample, sampling
@@ -205,21 +204,12 @@ def test_the_cli_reproduces_the_end_of_training_grid(tiny_run, tmp_path):  # noq
 def _sample_in_processes(workdir, argv, processes: int, devices_per_process: int) -> None:
     """`python -m dig_jax.sample` as a job of `processes` local processes (CPU devices, gloo collectives)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": str(processes),
-           "JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}",
+           "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [subprocess.Popen([sys.executable, "-m", "dig_jax.sample", "--workdir", str(workdir), *map(str, argv)],
-                              env={**env, "JAX_PROCESS_ID": str(i)}, cwd=root, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(processes)]
-    try:
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:  # one failed process leaves the others waiting for it
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for i, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"process {i} of {processes} failed:\n{output[-5000:]}"
+    command = [sys.executable, "-m", "dig_jax.sample", "--workdir", str(workdir), *map(str, argv)]
+    run_processes([command] * processes, [{**env, "JAX_PROCESS_ID": str(i)} for i in range(processes)], timeout=300,
+                  cwd=root)
 
 
 def test_random_class_sampling_is_resumable_and_independent_of_devices_and_processes(tiny_run, tmp_path,  # noqa: F811
