@@ -33,11 +33,9 @@ from dig_jax.evaluation.training import TrainingEvaluator, check_eval_config
 from dig_jax.images import save_png
 from dig_jax.metrics import MetricsLogger
 from dig_jax.models import MODELS, model_config, split_params
-from dig_jax.models.dit import ATTENTION_IMPLS
 from dig_jax.sampling import sample_grid
 from dig_jax.sharding import DEFAULT_FSDP_MIN_SIZE, batch_sharding, make_mesh, state_shardings, under_mesh
 from dig_jax.train_state import build_optimizer, init_state
-from pallas_kernels import CONV_IMPLS, GLA_IMPLS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 _ACCELERATOR_IMPLS = {"pallas": ("gpu", "tpu"), "cudnn": ("gpu",)}  # kernel implementations -> backends they run on
@@ -52,29 +50,26 @@ class NonFiniteLossError(RuntimeError):
 
 
 def validate_model_config(m: ConfigDict) -> None:
-    """Checks config.model without building the model (which takes seconds for XL): the name, the option keys, the
-    input size against the patch size, and the kernel implementations (GLA, convolution, attention): their names,
-    and that this backend runs them."""
+    """Checks config.model without building the model (which takes seconds for XL): the name, the option keys and
+    values (the model's config checks its implementation names), the input size against the patch size, and that
+    this backend runs the kernel implementations (GLA, convolution, attention) it names."""
     if m.name not in MODELS:
         raise ConfigError(f"config.model.name={m.name!r} is not a model; known: {', '.join(MODELS)}")
     try:
         architecture = model_config(m.name, input_size=m.input_size, in_channels=m.in_channels,
                                     num_classes=m.num_classes, learn_sigma=m.learn_sigma, **m.options.to_dict())
-    except ValueError as error:  # the only ValueError it raises: option keys the model does not have
+    except ValueError as error:  # option keys the model does not have, or values it does not accept
         raise ConfigError(f"config.model.options: {error}") from error
     if m.input_size % architecture.patch_size:
         raise ConfigError(f"config.model.input_size={m.input_size} must be a multiple of {m.name}'s patch size "
                           f"{architecture.patch_size}")
-    implementations = {"gla_impl": ("auto", *GLA_IMPLS), "conv_impl": ("auto", *CONV_IMPLS),  # DiG's
-                       "attention_impl": ATTENTION_IMPLS}  # DiT's
-    for key, allowed in implementations.items():
+    for key in ("gla_impl", "conv_impl", "attention_impl"):  # DiG's, DiG's, DiT's
         impl = getattr(architecture, key, None)
-        if impl is not None and impl not in allowed:
-            raise ConfigError(f"config.model.options.{key} must be one of {allowed}, got {impl!r}")
         backends = _ACCELERATOR_IMPLS.get(impl, (jax.default_backend(),))
         if jax.default_backend() not in backends:
-            raise ConfigError(f"config.model.options.{key}={impl!r} needs a {' or '.join(backends).upper()} backend, "
-                              f"this is {jax.default_backend()}: use another of {allowed}")
+            names = " or ".join(backend.upper() for backend in backends)
+            raise ConfigError(f"config.model.options.{key}={impl!r} needs a {names} backend, this is "
+                              f"{jax.default_backend()}: use another implementation")
 
 
 def check_workdir(workdir: str) -> None:

@@ -169,7 +169,7 @@ def test_bad_inputs_and_names_are_rejected():
 
 @pytest.mark.parametrize("option", ["gla_impl", "conv_impl"])
 def test_unknown_kernel_impl_is_refused_when_the_model_is_built(option):
-    with pytest.raises(ValueError, match=f"{option} must be 'auto' or one of"):
+    with pytest.raises(ValueError, match=rf"{option} must be one of \('auto', "):
         create_model("DiG-S/2", rngs=nnx.Rngs(0), **{**TINY, option: "foo"})
 
 

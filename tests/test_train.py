@@ -148,7 +148,9 @@ def test_a_bad_model_config_writes_nothing_and_a_workdir_without_checkpoints_tak
     for key, value, message in (("model.name", "DiG-Q/2", "config.model.name='DiG-Q/2' is not a model"),
                                 ("model.input_size", 18, "config.model.input_size=18 must be a multiple of "
                                                          "DiG-S/4's patch size 4"),
-                                ("model.options.gla_impl", "foo", "config.model.options.gla_impl must be one of")):
+                                ("model.options.gla_impl", "foo", "config.model.options: gla_impl must be one of"),
+                                ("model.options.conv_impl", "pallas", "config.model.options.conv_impl='pallas' needs a "
+                                                                      "GPU or TPU backend, this is cpu")):
         with pytest.raises(ConfigError, match=message):
             train(tiny_config(**{key: value}), workdir)
         assert not os.path.exists(workdir)
@@ -179,7 +181,7 @@ def test_bad_config_values_are_rejected_by_name(tmp_path, overrides, message):
 @pytest.mark.parametrize("arguments,message", [
     (["--config.model.name=DiG-Q/2"], "error: config.model.name='DiG-Q/2' is not a model; known: DiG-S/2,"),
     (["--config.model.input_size=18"], "error: config.model.input_size=18 must be a multiple of DiG-S/4's patch size"),
-    (["--config.model.options.gla_impl=foo"], "error: config.model.options.gla_impl must be one of ('auto', "),
+    (["--config.model.options.gla_impl=foo"], "error: config.model.options: gla_impl must be one of ('auto', "),
     (["--config.global_batch_size=abc"], "error: --config.global_batch_size=abc: invalid literal for int() with "
                                          "base 10: 'abc' (config.global_batch_size must be of type int)"),
     (["--config.num_steps=3", "--config.model.bogus=1"], "error: --config.model.bogus: config.model.bogus is not a "

@@ -31,6 +31,7 @@ from dig_jax.models.layers import (
     SEQUENCE_MIXER_OUTPUT,
     BackboneConfig,
     ConditionedBackbone,
+    check_choice,
     layer_norm,
     linear,
     modulate,
@@ -88,6 +89,11 @@ class DiGConfig(BackboneConfig):
     conv_impl: str = "auto"       # depthwise_conv3x3 implementation
     sequence_axis: str | None = None  # mesh axis that splits each image's tokens by grid rows (when the active
                                       # mesh has it); None: tokens are never split
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("gla_impl", self.gla_impl, ("auto", *GLA_IMPLS))
+        check_choice("conv_impl", self.conv_impl, ("auto", *CONV_IMPLS))
 
 
 class GatedLinearAttention(nnx.Module):
@@ -217,9 +223,6 @@ class DiG(ConditionedBackbone):
     def __init__(self, config: DiGConfig, *, rngs: nnx.Rngs):
         if config.skip and config.depth % 2:
             raise ValueError(f"the U-shape (skip) variant needs an even depth, got depth={config.depth}")
-        for name, impls in (("gla_impl", GLA_IMPLS), ("conv_impl", CONV_IMPLS)):
-            if getattr(config, name) not in ("auto", *impls):
-                raise ValueError(f"{name} must be 'auto' or one of {sorted(impls)}, got {getattr(config, name)!r}")
         super().__init__(config, rngs=rngs)
         self.blocks = nnx.List([DiGBlock(config, i, rngs=rngs, dtype=self.compute_dtype)
                                 for i in range(config.depth)])

@@ -11,6 +11,7 @@ from dig_jax.models.layers import (
     SEQUENCE_MIXER_OUTPUT,
     BackboneConfig,
     ConditionedBackbone,
+    check_choice,
     layer_norm,
     linear,
     modulate,
@@ -25,13 +26,15 @@ class DiTConfig(BackboneConfig):
     mlp_ratio: float = 4.0
     attention_impl: str = "xla"   # jax.nn.dot_product_attention implementation: "xla" or "cudnn" (GPU, bf16)
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+
 
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused qkv Linear (rows [q; k; v], heads contiguous) and an output proj."""
 
     def __init__(self, hidden_size: int, num_heads: int, implementation: str, *, rngs, dtype):
-        if implementation not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {implementation!r}")
         if hidden_size % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
         self.num_heads = num_heads

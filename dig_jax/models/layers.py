@@ -155,6 +155,15 @@ class BackboneConfig:
     dtype: str | None = None      # compute dtype ("bfloat16"); parameters stay float32
     remat: str = "none"           # what each block keeps for the backward pass: see REMAT_POLICIES
 
+    def __post_init__(self):
+        check_choice("remat", self.remat, tuple(REMAT_POLICIES))
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    """Config fields that name an implementation or policy are checked when the config is made (ValueError)."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
 
 class ConditionedBackbone(nnx.Module):
     """The parts DiG and DiT share: patch/time/label embedders, fixed position embedding, final layer.
@@ -191,8 +200,6 @@ class ConditionedBackbone(nnx.Module):
 
     def block_runner(self):
         """Calls a block as block(*args), rematerialised in the backward pass as config.remat says."""
-        if self.config.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.config.remat!r}")
         if self.config.remat == "none":
             return _call
         return nnx.remat(_call, policy=REMAT_POLICIES[self.config.remat])
