@@ -326,13 +326,15 @@ def train(config: ConfigDict, workdir: str) -> dict:
                 if step == start_step + steps_per_call:  # compiled
                     freeze_long_lived_objects()
                 last = step == config.num_steps
-                if step % config.log_every == 0 or last:
+                logging = step % config.log_every == 0 or last
+                if logging:
                     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     check_finite(step, scalars, checkpointer)  # before logging: a diverged step is no log row
                     logged = logger.write(step, scalars)
                 stopping = stop_agreed(stop, step, config.log_every)
                 if step % config.checkpoint_every == 0 or last or stopping:
-                    check_finite(step, jax.device_get(metrics), checkpointer)
+                    if not logging:  # a logged step was checked above
+                        check_finite(step, jax.device_get(metrics), checkpointer)
                     checkpointer.save(step, state, loader)
                 if evaluator is not None and step % config.eval.every == 0 and not stopping:
                     nnx.update(trainer.model, host_ema(state))  # every process samples the same images
