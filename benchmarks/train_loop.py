@@ -1,11 +1,13 @@
 """The real trainer's images/s (`dig_jax.train.train`: data loading, stepping, logging) against its jitted step alone.
 
-    python benchmarks/train_loop.py --models DiG-S/2,DiG-XL/2 --datasets shapes,latents --out loop.jsonl
+    python benchmarks/train_loop.py --models DiG-S/2,DiG-XL/2 --datasets shapes,latents --worker_counts 0,4 \
+        --out loop.jsonl
 
-Per (model, dataset), in its own process: (1) the training loop runs `--steps` steps into a fresh workdir and the
-images/s it logs are read back from metrics.jsonl (the first interval, which holds compilation, is dropped);
-(2) the same config's jitted step (`build_trainer`) runs as many steps back to back on one batch already on the
-device, as the loop dispatches them. The ratio (1)/(2) is what the input pipeline and the loop's host work cost.
+Per (model, dataset, config.data.worker_count), in its own process: (1) the training loop runs `--steps` steps
+into a fresh workdir and the images/s it logs are read back from metrics.jsonl (the first interval, which holds
+compilation, is dropped); (2) the same config's jitted step (`build_trainer`) runs as many steps back to back on
+one batch already on the device, as the loop dispatches them. The ratio (1)/(2) is what the input pipeline and the
+loop's host work cost.
 Datasets: "shapes" (the built-in images, 32 px, pixel space) and "latents" (32x32x4 latents, as for 256 px
 ImageNet, written here as random moments in the format `python -m dig_jax.encode` writes). bf16 compute.
 """
@@ -43,7 +45,8 @@ def write_random_latents(directory: str, num_records: int, latent_size: int = 32
     write_metadata(directory, layout, complete=True)
 
 
-def case_config(model_name: str, dataset: str, data_dir: str, steps: int, batch: int, steps_per_call: int):
+def case_config(model_name: str, dataset: str, data_dir: str, steps: int, batch: int, steps_per_call: int,
+                workers: int):
     from dig_jax.config_base import base_config
 
     c = base_config()
@@ -56,6 +59,7 @@ def case_config(model_name: str, dataset: str, data_dir: str, steps: int, batch:
     c.log_every = max(steps // 10 // steps_per_call, 1) * steps_per_call
     c.checkpoint_every = steps
     c.sample.per_class = 0
+    c.data.worker_count = workers
     if dataset == "shapes":
         c.data.name, c.data.space, c.data.image_size = "shapes", "pixel", 32
         c.model.input_size, c.model.in_channels, c.model.num_classes = 32, 3, 12
@@ -66,7 +70,7 @@ def case_config(model_name: str, dataset: str, data_dir: str, steps: int, batch:
     return c
 
 
-def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_call: int) -> dict:
+def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_call: int, workers: int) -> dict:
     import jax
 
     from dig_jax.sharding import make_mesh
@@ -77,7 +81,7 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
         if dataset == "latents":
             os.makedirs(data_dir)
             write_random_latents(data_dir, num_records=8 * batch * steps_per_call + 1000)
-        config = case_config(model_name, dataset, data_dir, steps, batch, steps_per_call)
+        config = case_config(model_name, dataset, data_dir, steps, batch, steps_per_call, workers)
         workdir = os.path.join(scratch, "run")
         started = time.perf_counter()
         train(config, workdir)
@@ -118,6 +122,8 @@ def main():
     parser.add_argument("--steps", default="DiG-S/2=400,DiG-XL/2=100",
                         help="steps per model (name=steps, comma list); other models 100")
     parser.add_argument("--steps_per_call", type=int, default=1)
+    parser.add_argument("--worker_counts", default="0",
+                        help="config.data.worker_count values to run (comma list): grain worker processes")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per case")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
@@ -125,33 +131,40 @@ def main():
     steps = dict(item.split("=") for item in args.steps.split(",") if item)
 
     if args.case:
-        model_name, dataset = args.case.split("|")
-        result = run_case(model_name, dataset, int(steps.get(model_name, 100)), args.batch, args.steps_per_call)
+        model_name, dataset, workers = args.case.split("|")
+        result = run_case(model_name, dataset, int(steps.get(model_name, 100)), args.batch, args.steps_per_call,
+                          int(workers))
         print(json.dumps(result))
         return
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    # The cases of one model compile the same step (twice each: the loop's and the step's): a shared persistent
+    # compilation cache compiles it once.
+    cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="train_loop_jax_cache_")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
+           "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     rows = []
-    for model_name in args.models.split(","):
-        for dataset in args.datasets.split(","):
-            command = [sys.executable, __file__, "--case", f"{model_name}|{dataset}", "--batch", str(args.batch),
-                       "--steps", args.steps, "--steps_per_call", str(args.steps_per_call)]
-            row = {"model": model_name, "dataset": dataset, "batch": args.batch, "steps_per_call": args.steps_per_call}
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
-                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-                row.update(json.loads(lines[-1]) if lines else {"error": done.stderr.splitlines()[-3:]})
-            except subprocess.TimeoutExpired:
-                row["error"] = f"timeout after {args.timeout}s"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-    print(f"\n{'model':9} {'dataset':8} {'batch':>5} {'per call':>8} {'loop img/s':>10} {'step img/s':>10} "
-          f"{'ratio':>6}")
+    cases = [(m, d, w) for m in args.models.split(",") for d in args.datasets.split(",")
+             for w in args.worker_counts.split(",")]
+    for model_name, dataset, workers in cases:
+        command = [sys.executable, __file__, "--case", f"{model_name}|{dataset}|{workers}",
+                   "--batch", str(args.batch), "--steps", args.steps, "--steps_per_call", str(args.steps_per_call)]
+        row = {"model": model_name, "dataset": dataset, "batch": args.batch, "steps_per_call": args.steps_per_call,
+               "worker_count": int(workers)}
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            row.update(json.loads(lines[-1]) if lines else {"error": done.stderr.splitlines()[-3:]})
+        except subprocess.TimeoutExpired:
+            row["error"] = f"timeout after {args.timeout}s"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(f"\n{'model':9} {'dataset':8} {'batch':>5} {'per call':>8} {'workers':>7} {'loop img/s':>10} "
+          f"{'step img/s':>10} {'ratio':>6}")
     for r in rows:
-        head = f"{r['model']:9} {r['dataset']:8} {r['batch']:>5} {r['steps_per_call']:>8}"
+        head = f"{r['model']:9} {r['dataset']:8} {r['batch']:>5} {r['steps_per_call']:>8} {r['worker_count']:>7}"
         print(f"{head}  error: {r['error']}" if "error" in r else
               f"{head} {r['loop_images_per_s']:10.1f} {r['step_images_per_s']:10.1f} {r['ratio']:6.2f}")
 

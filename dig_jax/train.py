@@ -344,6 +344,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
                           f"{checkpointer.directory}; rerun the same command to resume.", flush=True)
                     break
         finally:
+            loader.close()
             checkpointer.close()
             logger.close()
     grid_exists = os.path.exists(os.path.join(workdir, f"samples_{int(state['step'])}.png"))  # a rerun keeps it

@@ -1,5 +1,6 @@
 """The "shapes" dataset, the dataset registry, the grain loader (sharding, epochs, flips, state) and global batches."""
 
+import multiprocessing
 import time
 
 import jax
@@ -175,6 +176,31 @@ def test_read_ahead_saves_the_position_of_the_batches_handed_out():
     ahead.set_state(state)  # stops the reader and drops what it read ahead
     assert _labels(ahead, 2) == expected[:2]
     ahead.close()
+
+
+def test_worker_processes_resume_exactly_and_end_on_close():
+    """With grain worker processes (the configuration that keeps up with small models on a GPU host), a restored
+    position continues with the same batches, batches are plain arrays that outlive the loader, and `close` ends
+    the workers."""
+    source = ShapesDataset(num_images=64)
+    kwargs = {"global_batch_size": 8, "seed": 5, "shard_index": 0, "shard_count": 1, "worker_count": 2}
+    loader = make_loader(source, **kwargs)
+    first = [next(loader) for _ in range(3)]
+    state = loader.get_state()
+    expected = [next(loader) for _ in range(4)]  # crosses the epoch boundary at 64 records
+    assert multiprocessing.active_children()
+    loader.close()
+    assert not multiprocessing.active_children()
+    with pytest.raises(ValueError, match="closed"):
+        next(loader)
+    assert all(type(batch["image"]) is np.ndarray for batch in first + expected)
+    restored = make_loader(source, **kwargs, prefetch=0)
+    restored.set_state(state)
+    for batch in expected:
+        actual = next(restored)
+        np.testing.assert_array_equal(actual["label"], batch["label"])
+        np.testing.assert_array_equal(actual["image"], batch["image"])
+    restored.close()
 
 
 def test_sources_need_a_stable_repr():

@@ -51,8 +51,10 @@ class Loader(Iterator[dict[str, np.ndarray]]):
         self._reader = None
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            raise ValueError("the loader is closed")
         if not self._prefetch:
-            batch = next(self._iterator)
+            batch = _own_memory(next(self._iterator))
             self._state = self._iterator.get_state()
             return batch
         self.start_prefetch()
@@ -72,15 +74,28 @@ class Loader(Iterator[dict[str, np.ndarray]]):
 
     def set_state(self, state: bytes) -> None:
         """Continues from a state returned by `get_state` of a loader built with the same arguments."""
-        self.close()
+        self._stop_reading_ahead()
         self._iterator.set_state(state)
         self._state = self._iterator.get_state()
 
     def close(self) -> None:
-        """Stops reading ahead (what was read ahead is dropped; the position stays that of the batches handed out)."""
+        """Stops reading and ends the worker processes; `get_state` still gives the position of the batches handed
+        out. Without it, grain's workers and their shared memory are only released when the interpreter exits,
+        which then warns of leaked shared-memory segments."""
+        self._stop_reading_ahead()
+        self._iterator = None  # grain closes its pipeline, workers included, when its iterator is collected
+
+    def _stop_reading_ahead(self) -> None:
+        # What was read ahead is dropped; the position stays that of the batches handed out.
         if self._reader is not None:
             self._reader.stop()
             self._reader = None
+
+
+def _own_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch in plain numpy arrays: with worker processes grain hands out views of shared-memory segments,
+    which would stay mapped (and be reported as leaked at exit) for as long as anything references the batch."""
+    return {key: np.array(value) if type(value) is not np.ndarray else value for key, value in batch.items()}
 
 
 class _ReadAhead:
@@ -98,7 +113,7 @@ class _ReadAhead:
     def _run(self) -> None:
         while not self._stopped.is_set():
             try:
-                item = (next(self._iterator), self._iterator.get_state())
+                item = (_own_memory(next(self._iterator)), self._iterator.get_state())
             except StopIteration:
                 item = self._END
             except Exception as error:  # handed to the consumer, which raises it in the training loop
