@@ -30,10 +30,8 @@ SIZES = {"S": "DiG-S/2", "B": "DiG-B/2", "L": "DiG-L/2", "XL": "DiG-XL/2"}
 
 
 def _rms_gate_identity(self, x, *, reverse=False):
-    """GatedLinearAttention.__call__ without the output RMSNorm and the swish gate (g_proj is not called)."""
-    q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-    gate_logits = self.gk_proj_up(self.gk_proj_down(x)).astype(jnp.float32)
-    log_forget = self._heads(jax.nn.log_sigmoid(gate_logits) / dig_module.GATE_LOGIT_NORMALIZER)
+    """GatedLinearAttention.__call__ without the output RMSNorm and the swish gate (g is projected, not used)."""
+    q, k, v, _, log_forget = self.project_input(x)
     o, _ = dig_module.chunk_gla(q, k, v, log_forget, reverse=reverse, impl=self.gla_impl)
     return self.o_proj(o.reshape(*x.shape[:2], -1))
 
