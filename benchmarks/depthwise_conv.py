@@ -9,12 +9,12 @@ Shapes (N, grid, D): DiG-S/2 and DiG-XL/2 at 256 px (batch 32, 16x16 tokens), Di
 
 import argparse
 import functools
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from results import report
 
 from pallas_kernels.depthwise_conv import IMPLS
 
@@ -75,10 +75,7 @@ def main():
                    "err_bf16": accuracy(impl, shape, jnp.bfloat16), "err_f32": accuracy(impl, shape, jnp.float32),
                    "fwd_bwd_ms": time_ms(impl, shape, jnp.bfloat16), "device": jax.devices()[0].device_kind}
             rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            report(row, args.out)
     print(f"\n{'shape':8} {'impl':8} {'fwd+bwd ms':>10} {'floor ms':>9} {'x floor':>8} {'err bf16':>9} {'err f32':>9}")
     for r in rows:
         print(f"{r['shape']:8} {r['impl']:8} {r['fwd_bwd_ms']:10.3f} {r['floor_ms']:9.3f} "

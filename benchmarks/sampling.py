@@ -11,7 +11,6 @@ Prints one JSON line per case (appended to --out too) and a table last.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,6 +20,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from results import report  # noqa: E402
 
 from dig_jax.models import create_model  # noqa: E402
 from dig_jax.sampling import generate, image_keys, random_classes, replicate_locally  # noqa: E402
@@ -82,10 +83,7 @@ def main():
         except Exception as error:  # one failing case (e.g. out of memory) must not lose the others' numbers
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        report(row, args.out)
 
     print(f"\n{'model':10} {'sampler':8} {'steps':>5} {'batch':>5} {'img/s':>9} {'ms/step':>9} {'first call s':>12}")
     for r in rows:

@@ -25,7 +25,6 @@ Needs 8 host devices for seq=8 (the script sets XLA_FLAGS itself when run direct
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -39,6 +38,8 @@ from flax import nnx  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from results import report  # noqa: E402
 
 from dig_jax.diffusion import create_diffusion  # noqa: E402
 from dig_jax.models import MODELS, create_model, split_params  # noqa: E402
@@ -130,10 +131,7 @@ def main():
                    "compiled_depths": depths, "compile_s": round(time.perf_counter() - started, 1),
                    **{f"{key}_gib": round(value / GIB, 2) for key, value in memory.items()}}
             rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            report(row, args.out)
     print(f"\n{'res':>5} {'tokens':>7} {'seq':>4} {'state GiB':>10} {'temp GiB':>9} {'peak GiB':>9}")
     for r in rows:
         print(f"{r['res']:>5} {r['tokens']:>7} {r['seq']:>4} {r['argument_gib']:>10.2f} {r['temp_gib']:>9.2f} "

@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import numpy as np
+from results import report
 
 
 def write_random_latents(directory: str, num_records: int, latent_size: int = 32, num_classes: int = 1000) -> None:
@@ -157,10 +158,7 @@ def main():
         except subprocess.TimeoutExpired:
             row["error"] = f"timeout after {args.timeout}s"
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        report(row, args.out)
     print(f"\n{'model':9} {'dataset':8} {'batch':>5} {'per call':>8} {'workers':>7} {'loop img/s':>10} "
           f"{'step img/s':>10} {'ratio':>6}")
     for r in rows:

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from results import report
+
 # Default batches follow the measured anchors: 32 at 256 px, 2 at 1024 px, 1 above.
 DEFAULT_BATCH = {256: 32, 512: 8, 1024: 2, 1792: 1, 2048: 1}
 PEAK_BF16_TFLOPS = 989.0  # dense bf16 of an H100 / H200 SXM (datasheet)
@@ -123,10 +125,7 @@ def main():
                 if "tflops" in row:
                     row["mfu"] = row["tflops"] / args.peak_tflops
                 rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                report(row, args.out)
     print_table(rows)
 
 

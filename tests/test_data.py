@@ -191,8 +191,9 @@ def test_worker_processes_resume_exactly_and_end_on_close():
     assert multiprocessing.active_children()
     loader.close()
     assert not multiprocessing.active_children()
-    with pytest.raises(ValueError, match="closed"):
-        next(loader)
+    for use_after_close in (lambda: next(loader), loader.start_prefetch, lambda: loader.set_state(state)):
+        with pytest.raises(ValueError, match="loader is closed"):
+            use_after_close()
     assert all(type(batch["image"]) is np.ndarray for batch in first + expected)
     restored = make_loader(source, **kwargs, prefetch=0)
     restored.set_state(state)

@@ -51,11 +51,10 @@ class Loader(Iterator[dict[str, np.ndarray]]):
         self._reader = None
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._iterator is None:
-            raise ValueError("the loader is closed")
         if not self._prefetch:
-            batch = _own_memory(next(self._iterator))
-            self._state = self._iterator.get_state()
+            iterator = self._open_iterator()
+            batch = _own_memory(next(iterator))
+            self._state = iterator.get_state()
             return batch
         self.start_prefetch()
         batch, self._state = self._reader.next()
@@ -64,7 +63,7 @@ class Loader(Iterator[dict[str, np.ndarray]]):
     def start_prefetch(self) -> None:
         """Starts reading ahead now rather than at the first `next` (grain's checkpoint handler calls it after
         restoring a position)."""
-        self._iterator.start_prefetch()
+        self._open_iterator().start_prefetch()
         if self._prefetch and self._reader is None:
             self._reader = _ReadAhead(self._iterator, self._prefetch)
 
@@ -74,9 +73,10 @@ class Loader(Iterator[dict[str, np.ndarray]]):
 
     def set_state(self, state: bytes) -> None:
         """Continues from a state returned by `get_state` of a loader built with the same arguments."""
+        iterator = self._open_iterator()
         self._stop_reading_ahead()
-        self._iterator.set_state(state)
-        self._state = self._iterator.get_state()
+        iterator.set_state(state)
+        self._state = iterator.get_state()
 
     def close(self) -> None:
         """Stops reading and ends the worker processes; `get_state` still gives the position of the batches handed
@@ -84,6 +84,11 @@ class Loader(Iterator[dict[str, np.ndarray]]):
         which then warns of leaked shared-memory segments."""
         self._stop_reading_ahead()
         self._iterator = None  # grain closes its pipeline, workers included, when its iterator is collected
+
+    def _open_iterator(self):
+        if self._iterator is None:
+            raise ValueError("the loader is closed: build a new one with make_loader to read again")
+        return self._iterator
 
     def _stop_reading_ahead(self) -> None:
         # What was read ahead is dropped; the position stays that of the batches handed out.

@@ -125,12 +125,12 @@ class GatedLinearAttention(nnx.Module):
         """x [N, T, D] -> q, k [N, T, H, K/H], v, g [N, T, H, V/H] and log_forget [N, T, H, K/H] (float32).
 
         The five projections of x run as one matmul with the kernels side by side: x is read once and its gradient
-        is one matmul instead of a sum of five (at DiG-S/2's size the step is bound by kernel count, not FLOPs).
+        is one matmul instead of a sum of five: fewer, larger kernels in a step made of many small ones (DiG-S/2).
         """
         layers = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_proj_down)
         kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
-        dtype = self.q_proj.dtype or jnp.result_type(x, kernel)  # what nnx.Linear computes in
-        projected = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        x, kernel = self.q_proj.promote_dtype((x, kernel), dtype=self.q_proj.dtype, inexact=True)  # as nnx.Linear
+        projected = jnp.dot(x, kernel, precision=self.q_proj.precision)
         q, k, v, g, gate_code = jnp.split(projected, np.cumsum([layer.out_features for layer in layers[:-1]]), -1)
         log_forget = jax.nn.log_sigmoid(self.gk_proj_up(gate_code).astype(jnp.float32)) / GATE_LOGIT_NORMALIZER
         return self._heads(q), self._heads(k), self._heads(v), self._heads(g), self._heads(log_forget)
