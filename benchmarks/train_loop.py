@@ -7,7 +7,8 @@ Per (model, dataset, config.data.worker_count), in its own process: (1) the trai
 into a fresh workdir and the images/s it logs are read back from metrics.jsonl (the first interval, which holds
 compilation, is dropped); (2) the same config's jitted step (`build_trainer`) runs as many steps back to back on
 one batch already on the device, as the loop dispatches them. The ratio (1)/(2) is what the input pipeline and the
-loop's host work cost.
+loop's host work cost; "data wait" is the time per step the loop spent waiting for its next batches, so the rest of
+the gap (loop ms - step ms - data wait) is the loop's own host work.
 Datasets: "shapes" (the built-in images, 32 px, pixel space) and "latents" (32x32x4 latents, as for 256 px
 ImageNet, written here as random moments in the format `python -m dig_jax.encode` writes). bf16 compute.
 """
@@ -74,8 +75,19 @@ def case_config(model_name: str, dataset: str, data_dir: str, steps: int, batch:
 def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_call: int, workers: int) -> dict:
     import jax
 
+    import dig_jax.train
     from dig_jax.sharding import make_mesh
     from dig_jax.train import build_trainer, freeze_long_lived_objects, next_batches, train
+
+    waits = []  # seconds the loop waited for each call's batches
+
+    def timed_next_batches(loader, count):
+        started = time.perf_counter()
+        batches = next_batches(loader, count)
+        waits.append(time.perf_counter() - started)
+        return batches
+
+    dig_jax.train.next_batches = timed_next_batches
 
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = os.path.join(scratch, "latents")
@@ -87,6 +99,7 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
         started = time.perf_counter()
         train(config, workdir)
         loop_s = time.perf_counter() - started
+        dig_jax.train.next_batches = next_batches
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             logged = [json.loads(line)["images_per_second"] for line in f][1:]
 
@@ -110,8 +123,11 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
         jax.block_until_ready(metrics)
         step_images_per_s = calls * steps_per_call * batch / (time.perf_counter() - started)
     loop_images_per_s = float(np.median(logged))
+    steady_waits = waits[config.log_every // steps_per_call:]  # after the first logged interval, as `logged`
     return {"loop_images_per_s": loop_images_per_s, "step_images_per_s": step_images_per_s,
             "ratio": loop_images_per_s / step_images_per_s, "loop_wall_s": loop_s,
+            "loop_ms_per_step": 1e3 * batch / loop_images_per_s, "step_ms": 1e3 * batch / step_images_per_s,
+            "data_wait_ms_per_step": 1e3 * float(np.mean(steady_waits)) / steps_per_call,
             "device": jax.devices()[0].device_kind}
 
 
@@ -127,11 +143,15 @@ def main():
                         help="config.data.worker_count values to run (comma list): grain worker processes")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per case")
     parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--switch_interval", type=float, default=None,
+                        help="sys.setswitchinterval for the case processes (seconds; Python's default 0.005)")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
     steps = dict(item.split("=") for item in args.steps.split(",") if item)
 
     if args.case:
+        if args.switch_interval:
+            sys.setswitchinterval(args.switch_interval)
         model_name, dataset, workers = args.case.split("|")
         result = run_case(model_name, dataset, int(steps.get(model_name, 100)), args.batch, args.steps_per_call,
                           int(workers))
@@ -149,6 +169,7 @@ def main():
     for model_name, dataset, workers in cases:
         command = [sys.executable, __file__, "--case", f"{model_name}|{dataset}|{workers}",
                    "--batch", str(args.batch), "--steps", args.steps, "--steps_per_call", str(args.steps_per_call)]
+        command += ["--switch_interval", str(args.switch_interval)] if args.switch_interval else []
         row = {"model": model_name, "dataset": dataset, "batch": args.batch, "steps_per_call": args.steps_per_call,
                "worker_count": int(workers)}
         try:
@@ -160,11 +181,12 @@ def main():
         rows.append(row)
         report(row, args.out)
     print(f"\n{'model':9} {'dataset':8} {'batch':>5} {'per call':>8} {'workers':>7} {'loop img/s':>10} "
-          f"{'step img/s':>10} {'ratio':>6}")
+          f"{'step img/s':>10} {'ratio':>6} {'loop ms':>7} {'step ms':>7} {'data wait ms':>12}")
     for r in rows:
         head = f"{r['model']:9} {r['dataset']:8} {r['batch']:>5} {r['steps_per_call']:>8} {r['worker_count']:>7}"
         print(f"{head}  error: {r['error']}" if "error" in r else
-              f"{head} {r['loop_images_per_s']:10.1f} {r['step_images_per_s']:10.1f} {r['ratio']:6.2f}")
+              f"{head} {r['loop_images_per_s']:10.1f} {r['step_images_per_s']:10.1f} {r['ratio']:6.2f} "
+              f"{r['loop_ms_per_step']:7.2f} {r['step_ms']:7.2f} {r['data_wait_ms_per_step']:12.2f}")
 
 
 if __name__ == "__main__":
