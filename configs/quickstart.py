@@ -27,6 +27,7 @@ def get_config(arg=None):
     c.data.space = "pixel"
     c.data.image_size = 32
     c.data.read_threads = 0  # images are rendered in memory: reader threads only compete for the CPU's cores
+    c.data.worker_count = 0  # on a CPU the step, not the loader, sets the pace; workers would take its cores
     c.optimizer.learning_rate = 2e-3  # 1e-3 gives mostly wrong colours at 1500 steps (docs/quickstart.md)
     c.optimizer.warmup_steps = 100
     c.ema_decay = 0.995

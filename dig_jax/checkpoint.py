@@ -85,11 +85,13 @@ def write_run_config(workdir: str, config_json: str) -> None:
         previous = read_run_config(workdir)
         current = json.loads(config_json)
         for section in ("model", "data"):
-            if previous.get(section) != current.get(section):
+            before, now = previous.get(section) or {}, current.get(section) or {}
+            changed = [f"config.{section}.{key}={before.get(key)!r} then, {now.get(key)!r} now"
+                       for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+            if changed:
                 raise CheckpointError(
-                    f"{path} records a run with a different config.{section} "
-                    f"({previous.get(section)} vs now {current.get(section)}); its checkpoints are not compatible. "
-                    f"Use a new --workdir, or the same config to resume.")
+                    f"{path} records a run with a different config.{section} ({'; '.join(changed)}); its "
+                    f"checkpoints are not compatible. Use a new --workdir, or the same config to resume.")
     atomic_write_bytes(path, config_json.encode())
 
 

@@ -30,7 +30,9 @@ def base_config() -> ConfigDict:
                                     # or of data.name="latents"), x0 = posterior sample * scaling factor
     c.data.image_size = 256
     c.data.random_flip = True
-    c.data.worker_count = 0
+    c.data.worker_count = 4         # loader processes: with 0 the loader's Python shares the trainer's interpreter
+                                    # and slows its dispatch (DiG-S/2 on one H200: 0.24-0.62 of the step's speed with
+                                    # 0, 0.94-0.95 with 4; docs/benchmarks.md)
     c.data.read_threads = 16        # record-reading threads per process; 0 reads in the loader's own thread
     c.data.prefetch = 2             # batches a background thread reads ahead of the training loop (0: on demand)
     c.data.kwargs = ConfigDict()    # dataset constructor options, e.g. data_dir, num_images

@@ -41,6 +41,7 @@ def tiny_config(num_steps: int, mesh_data: int, mesh_fsdp: int, mesh_seq: int = 
     c.data.space = "pixel"
     c.data.image_size = 8
     c.data.kwargs = dict(num_images=256)
+    c.data.worker_count = 0  # in-process reading: loader processes would only compete for the test machine's cores
     c.optimizer.learning_rate = 1e-3
     c.ema_decay = 0.9
     c.global_batch_size = GLOBAL_BATCH_SIZE

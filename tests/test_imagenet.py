@@ -113,9 +113,13 @@ def test_source_reads_array_record_jpegs_and_crops(prepared_dir):
             np.testing.assert_array_equal(example["image"], adm_center_crop(stored, 64))
 
 
-def test_loader_over_imagenet_source(prepared_dir):
+@pytest.mark.parametrize("worker_count", [0, 2])  # 2: the source is pickled into loader processes
+def test_loader_over_imagenet_source(prepared_dir, worker_count):
     source = ImageNet2012(data_dir=prepared_dir, split="validation", image_size=32)
-    batch = next(make_loader(source, global_batch_size=2, seed=0, shard_index=0, shard_count=1))
+    loader = make_loader(source, global_batch_size=2, seed=0, shard_index=0, shard_count=1,
+                         worker_count=worker_count)
+    batch = next(loader)
+    loader.close()
     assert batch["image"].shape == (2, 32, 32, 3) and batch["image"].dtype == np.float32
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
     assert sorted(batch["label"].tolist()) == [0, 1]

@@ -40,6 +40,7 @@ def latent_config(vae_path: str, latent_dir: str | None = None):
     c.model.options = dict(depth=2, hidden_size=64, num_heads=2, gla_impl="xla")
     c.data.space = "latent"
     c.data.image_size = IMAGE_SIZE
+    c.data.worker_count = 0  # in-process reading: loader processes would only compete for the test machine's cores
     if latent_dir is None:
         c.data.name = "shapes"
         c.data.kwargs = dict(num_images=64)

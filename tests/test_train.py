@@ -139,8 +139,12 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     train(tiny_config(num_steps=1), str(tmp_path))
     other = tiny_config()
     other.model.options = dict(depth=2, hidden_size=32, num_heads=2, gla_impl="xla")
-    with pytest.raises(ckpt.CheckpointError, match="different config.model"):
+    with pytest.raises(ckpt.CheckpointError, match=r"different config.model \(config.model.options="):
         train(other, str(tmp_path))
+    more_workers = tiny_config()  # the data order depends on the worker count: the key is named
+    more_workers.data.worker_count = 2
+    with pytest.raises(ckpt.CheckpointError, match="config.data.worker_count=0 then, 2 now"):
+        train(more_workers, str(tmp_path))
 
 
 def test_a_bad_model_config_writes_nothing_and_a_workdir_without_checkpoints_takes_a_new_config(tmp_path):
