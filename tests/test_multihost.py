@@ -87,21 +87,25 @@ def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_one_process(
     assert int(restored["step"]) == 6
 
 
-def test_loader_state_at_step_matches_reading_that_many_batches():
+@pytest.mark.parametrize("worker_count", [0, 3])  # 3 workers: batches k, k + 3, ... come from one worker
+def test_loader_state_at_step_matches_reading_that_many_batches(worker_count):
     source = create_dataset("shapes", split="train", image_size=8, num_images=40)
     for shard_index, shard_count in ((0, 1), (1, 2)):
         def loader(index=shard_index, count=shard_count):
-            return make_loader(source, global_batch_size=4, seed=3, shard_index=index, shard_count=count)
+            return make_loader(source, global_batch_size=4, seed=3, shard_index=index, shard_count=count,
+                               worker_count=worker_count, read_threads=0)
 
         reference = loader()
         batches = [next(reference) for _ in range(14)]  # more than an epoch of a 2-way shard (10 batches)
-        for step in (0, 3, 12):
+        reference.close()
+        for step in (0, 4, 12):
             moved = loader()
             moved.set_state(distributed.loader_state_at_step(moved, step, shard_index, shard_count))
             for expected in batches[step:step + 2]:
                 got = next(moved)
                 np.testing.assert_array_equal(got["image"], expected["image"])
                 np.testing.assert_array_equal(got["label"], expected["label"])
+            moved.close()
 
 
 def test_saved_process_count_reads_the_loader_state_files(tmp_path):
