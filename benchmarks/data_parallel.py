@@ -12,9 +12,9 @@ CPU check with a tiny model:
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python benchmarks/data_parallel.py \
         --options depth=1,hidden_size=64,num_heads=2 --input_size 8 --batch_per_device 2 --steps 3 --warmup 1
 
-Times, after --warmup calls (the first one compiles), in WINDOWS alternating windows of each mode: "pipelined",
+Times, after --warmup calls (the first one compiles), as step_timing.time_step_calls takes them: "pipelined",
 --steps calls dispatched back to back and waited for once, as the trainer runs them (it only waits for the device
-at log and checkpoint steps), the median over windows; and "synchronous", every call waited for, which adds the
+at log and checkpoint steps), the median over 3 windows; and "synchronous", every call waited for, which adds the
 host's dispatch time to each call, the median over all such calls. Each call runs --steps_per_call train steps
 (the trainer's config.steps_per_call: a scan over that many batches); times are per train step.
 Scaling efficiency = images/s on N devices / (N x images/s on one device), from the pipelined times.
@@ -23,20 +23,18 @@ Scaling efficiency = images/s on N devices / (N x images/s on one device), from 
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from step_timing import time_step_calls
+
 from dig_jax.config_base import paper_config
 from dig_jax.sharding import make_mesh
 from dig_jax.train import build_trainer, freeze_long_lived_objects
-
-WINDOWS = 3
 
 
 def parse_options(text: str) -> dict:
@@ -80,22 +78,10 @@ def time_steps(config, devices, batch_per_device: int, warmup: int, steps: int,
         state, metrics = step(state, batch, frozen)
     jax.block_until_ready(metrics["loss"])
     freeze_long_lived_objects()  # as the trainer does after its first step
-    # The two modes alternate in windows so that slow drifts (clocks, temperature) affect both alike.
-    synchronous, pipelined = [], []
-    for _ in range(WINDOWS):
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, metrics = step(state, batch, frozen)
-            jax.block_until_ready(metrics["loss"])
-            synchronous.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = step(state, batch, frozen)
-        jax.block_until_ready(metrics["loss"])
-        pipelined.append((time.perf_counter() - start) / steps)
+    _, metrics, pipelined, synchronous = time_step_calls(lambda state: step(state, batch, frozen), state, steps)
     if not np.isfinite(float(metrics["loss"])):
         raise RuntimeError(f"non-finite loss {float(metrics['loss'])} on {len(devices)} device(s)")
-    return statistics.median(pipelined) / steps_per_call, statistics.median(synchronous) / steps_per_call
+    return pipelined / steps_per_call, synchronous / steps_per_call
 
 
 def main():

@@ -3,12 +3,12 @@
     python benchmarks/train_loop.py --models DiG-S/2,DiG-XL/2 --datasets shapes,latents --worker_counts 0,4 \
         --out loop.jsonl
 
-Per (model, dataset, config.data.worker_count), in its own process: (1) the training loop runs `--steps` steps
-into a fresh workdir and the images/s it logs are read back from metrics.jsonl (the first interval, which holds
-compilation, is dropped); (2) the same config's jitted step (`build_trainer`) runs as many steps back to back on
-one batch already on the device, as the loop dispatches them. The ratio (1)/(2) is what the input pipeline and the
-loop's host work cost; "data wait" is the time per step the loop spent waiting for its next batches, so the rest of
-the gap (loop ms - step ms - data wait) is the loop's own host work.
+Per (model, dataset, config.data.worker_count), in its own process: (1) the training loop runs `--steps` steps into
+a fresh workdir and the images/s it logs are read back from metrics.jsonl (the first interval, which holds
+compilation, is dropped); (2) the same config's jitted step (`build_trainer`) runs back to back on one batch already
+on the device, as the loop dispatches them (step_timing.time_step_calls, "pipelined"). The ratio (1)/(2) is what the
+input pipeline and the loop's host work cost; "data wait" is the time per step the loop spent waiting for its next
+batches, so the rest of the gap (loop ms - step ms - data wait) is the loop's own host work.
 Datasets: "shapes" (the built-in images, 32 px, pixel space) and "latents" (32x32x4 latents, as for 256 px
 ImageNet, written here as random moments in the format `python -m dig_jax.encode` writes). bf16 compute.
 """
@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 from results import report
+from step_timing import time_step_calls
 
 
 def write_random_latents(directory: str, num_records: int, latent_size: int = 32, num_classes: int = 1000) -> None:
@@ -116,12 +117,10 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
         state, metrics = trainer.train_steps(state, batches, trainer.space.frozen)
         jax.block_until_ready(metrics)
         freeze_long_lived_objects()
-        calls = max(steps // steps_per_call // 2, 5)
-        started = time.perf_counter()
-        for _ in range(calls):
-            state, metrics = trainer.train_steps(state, batches, trainer.space.frozen)
-        jax.block_until_ready(metrics)
-        step_images_per_s = calls * steps_per_call * batch / (time.perf_counter() - started)
+        calls = max(steps // steps_per_call // 6, 5)  # per window: 3 windows, each timed both ways
+        _, _, call_s, _ = time_step_calls(lambda state: trainer.train_steps(state, batches, trainer.space.frozen),
+                                          state, calls)
+        step_images_per_s = steps_per_call * batch / call_s
     loop_images_per_s = float(np.median(logged))
     steady_waits = waits[config.log_every // steps_per_call:]  # after the first logged interval, as `logged`
     return {"loop_images_per_s": loop_images_per_s, "step_images_per_s": step_images_per_s,
