@@ -135,7 +135,7 @@ def test_corrupt_checkpoint_is_reported_and_left_untouched(tmp_path):
     assert tree_digest(os.path.join(workdir, "checkpoints")) == before
 
 
-def test_workdir_of_another_model_is_refused(tmp_path):
+def test_workdir_of_another_model_or_data_order_is_refused(tmp_path):
     train(tiny_config(num_steps=1), str(tmp_path))
     other = tiny_config()
     other.model.options = dict(depth=2, hidden_size=32, num_heads=2, gla_impl="xla")
