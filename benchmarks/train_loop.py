@@ -8,7 +8,8 @@ a fresh workdir and the images/s it logs are read back from metrics.jsonl (the f
 compilation, is dropped); (2) the same config's jitted step (`build_trainer`) runs back to back on one batch already
 on the device, as the loop dispatches them (step_timing.time_step_calls, "pipelined"). The ratio (1)/(2) is what the
 input pipeline and the loop's host work cost; "data wait" is the time per step the loop spent waiting for its next
-batches, so the rest of the gap (loop ms - step ms - data wait) is the loop's own host work.
+batches, so the rest of the gap (loop ms - step ms - data wait) is the loop's own host work. The JSON rows also give
+the step's synchronous time (each call waited for): its excess over the step time is host dispatch and launch gap.
 Datasets: "shapes" (the built-in images, 32 px, pixel space) and "latents" (32x32x4 latents, as for 256 px
 ImageNet, written here as random moments in the format `python -m dig_jax.encode` writes). bf16 compute.
 """
@@ -118,14 +119,15 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
         jax.block_until_ready(metrics)
         freeze_long_lived_objects()
         calls = max(steps // steps_per_call // 6, 5)  # per window: 3 windows, each timed both ways
-        _, _, call_s, _ = time_step_calls(lambda state: trainer.train_steps(state, batches, trainer.space.frozen),
-                                          state, calls)
+        _, _, call_s, synced_call_s = time_step_calls(
+            lambda state: trainer.train_steps(state, batches, trainer.space.frozen), state, calls)
         step_images_per_s = steps_per_call * batch / call_s
     loop_images_per_s = float(np.median(logged))
     steady_waits = waits[config.log_every // steps_per_call:]  # after the first logged interval, as `logged`
     return {"loop_images_per_s": loop_images_per_s, "step_images_per_s": step_images_per_s,
             "ratio": loop_images_per_s / step_images_per_s, "loop_wall_s": loop_s,
             "loop_ms_per_step": 1e3 * batch / loop_images_per_s, "step_ms": 1e3 * batch / step_images_per_s,
+            "synced_step_ms": 1e3 * synced_call_s / steps_per_call,  # each call waited for: adds dispatch time
             "data_wait_ms_per_step": 1e3 * float(np.mean(steady_waits)) / steps_per_call,
             "device": jax.devices()[0].device_kind}
 
