@@ -50,7 +50,7 @@ def write_random_latents(directory: str, num_records: int, latent_size: int = 32
 
 
 def case_config(model_name: str, dataset: str, data_dir: str, steps: int, batch: int, steps_per_call: int,
-                workers: int):
+                workers: int, read_threads: int | None = None):
     from dig_jax.config_base import base_config
 
     c = base_config()
@@ -71,10 +71,13 @@ def case_config(model_name: str, dataset: str, data_dir: str, steps: int, batch:
     else:
         c.data.name, c.data.space, c.data.image_size = "latents", "latent", 256
         c.data.kwargs = {"data_dir": data_dir}
+    if read_threads is not None:
+        c.data.read_threads = read_threads
     return c
 
 
-def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_call: int, workers: int) -> dict:
+def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_call: int, workers: int,
+             read_threads: int | None) -> dict:
     import jax
 
     import dig_jax.train
@@ -96,7 +99,7 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
         if dataset == "latents":
             os.makedirs(data_dir)
             write_random_latents(data_dir, num_records=8 * batch * steps_per_call + 1000)
-        config = case_config(model_name, dataset, data_dir, steps, batch, steps_per_call, workers)
+        config = case_config(model_name, dataset, data_dir, steps, batch, steps_per_call, workers, read_threads)
         workdir = os.path.join(scratch, "run")
         started = time.perf_counter()
         train(config, workdir)
@@ -129,7 +132,7 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
             "loop_ms_per_step": 1e3 * batch / loop_images_per_s, "step_ms": 1e3 * batch / step_images_per_s,
             "synced_step_ms": 1e3 * synced_call_s / steps_per_call,  # each call waited for: adds dispatch time
             "data_wait_ms_per_step": 1e3 * float(np.mean(steady_waits)) / steps_per_call,
-            "device": jax.devices()[0].device_kind}
+            "read_threads": config.data.read_threads, "device": jax.devices()[0].device_kind}
 
 
 def main():
@@ -142,6 +145,8 @@ def main():
     parser.add_argument("--steps_per_call", type=int, default=1)
     parser.add_argument("--worker_counts", default="0",
                         help="config.data.worker_count values to run (comma list): grain worker processes")
+    parser.add_argument("--read_threads", type=int, default=None,
+                        help="config.data.read_threads of every case (default: shapes 0, latents the config's)")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per case")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--switch_interval", type=float, default=None,
@@ -155,7 +160,7 @@ def main():
             sys.setswitchinterval(args.switch_interval)
         model_name, dataset, workers = args.case.split("|")
         result = run_case(model_name, dataset, int(steps.get(model_name, 100)), args.batch, args.steps_per_call,
-                          int(workers))
+                          int(workers), args.read_threads)
         print(json.dumps(result))
         return
 
@@ -171,6 +176,7 @@ def main():
         command = [sys.executable, __file__, "--case", f"{model_name}|{dataset}|{workers}",
                    "--batch", str(args.batch), "--steps", args.steps, "--steps_per_call", str(args.steps_per_call)]
         command += ["--switch_interval", str(args.switch_interval)] if args.switch_interval else []
+        command += ["--read_threads", str(args.read_threads)] if args.read_threads is not None else []
         row = {"model": model_name, "dataset": dataset, "batch": args.batch, "steps_per_call": args.steps_per_call,
                "worker_count": int(workers)}
         try:
@@ -182,12 +188,13 @@ def main():
         rows.append(row)
         report(row, args.out)
     print(f"\n{'model':9} {'dataset':8} {'batch':>5} {'per call':>8} {'workers':>7} {'loop img/s':>10} "
-          f"{'step img/s':>10} {'ratio':>6} {'loop ms':>7} {'step ms':>7} {'data wait ms':>12}")
+          f"{'step img/s':>10} {'ratio':>6} {'loop ms':>7} {'step ms':>7} {'data wait ms':>12} {'threads':>7}")
     for r in rows:
         head = f"{r['model']:9} {r['dataset']:8} {r['batch']:>5} {r['steps_per_call']:>8} {r['worker_count']:>7}"
         print(f"{head}  error: {r['error']}" if "error" in r else
               f"{head} {r['loop_images_per_s']:10.1f} {r['step_images_per_s']:10.1f} {r['ratio']:6.2f} "
-              f"{r['loop_ms_per_step']:7.2f} {r['step_ms']:7.2f} {r['data_wait_ms_per_step']:12.2f}")
+              f"{r['loop_ms_per_step']:7.2f} {r['step_ms']:7.2f} {r['data_wait_ms_per_step']:12.2f} "
+              f"{r['read_threads']:>7}")
 
 
 if __name__ == "__main__":
