@@ -41,14 +41,18 @@ BANDWIDTH = 3.0e12  # bytes/s, an H100 SXM's device-to-device copy rate (the scr
 KEY_DIM, VALUE_DIM = 32, 64
 ANCHORS = [("S", 6, 262_144), ("XL", 18, 131_072)]  # (model, heads, tokens per batch)
 SEQ_LENS = (256, 1024, 4096, 16384)
-SWEEP_SHAPES = [("S", 6, 262_144, 256), ("S", 6, 262_144, 16384), ("XL", 18, 131_072, 16384)]
+# (model, heads, tokens, T): the anchors' extremes, and one image per batch at 1792 px (S/2) and 2048 px (XL/2).
+SWEEP_SHAPES = [("S", 6, 262_144, 256), ("S", 6, 262_144, 16384), ("XL", 18, 131_072, 16384),
+                ("S", 6, 12_544, 12_544), ("XL", 18, 16_384, 16_384)]
 _START = time.time()
-SWEEP_CONFIGS = {
-    "v32": TritonConfig(value_block=32),
-    "v16": TritonConfig(value_block=16),
-    "grad8w": TritonConfig(chunk_grad_warps=8),
-    "fwd2st": TritonConfig(forward_stages=2, state_grad_stages=2),
-    "fwd8w": TritonConfig(forward_warps=8, state_grad_warps=8),
+SWEEP_CONFIGS = {  # the schedules (module docstring of gla_triton), then launch parameters of the sequential one
+    "sequential": TritonConfig(chunk_parallel=False),
+    "chunk-parallel": TritonConfig(chunk_parallel=True),
+    "v32": TritonConfig(value_block=32, chunk_parallel=False),
+    "v16": TritonConfig(value_block=16, chunk_parallel=False),
+    "grad8w": TritonConfig(chunk_grad_warps=8, chunk_parallel=False),
+    "fwd2st": TritonConfig(forward_stages=2, state_grad_stages=2, chunk_parallel=False),
+    "fwd8w": TritonConfig(forward_warps=8, state_grad_warps=8, chunk_parallel=False),
 }
 
 

@@ -24,7 +24,21 @@ Three kernels:
     dk, dv and dg. dg is summed per chunk from terms that do not cancel (see `_gate_grad`): no running sum over
     the sequence, and no difference of large terms that bf16 states or TF32 dots would spoil.
 V blocks default to all of V (one program per (batch, head)): splitting V to give long sequences more programs
-measured slower on an H100 (it repeats the key-side work per block). In-chunk cumsums are matmuls with a triangle
+measured slower on an H100 (it repeats the key-side work per block).
+
+Chunk-parallel schedule (`TritonConfig.chunk_parallel`, for few (batch, head) pairs at long T)
+-----------------------------------------------------------------------------------------------
+With one program per (batch, head), a small batch at long T leaves most SMs idle while each program walks its
+chunks (DiG-S/2 at 1792 px, batch 1: 6 programs for 132 SMs, 196 chunks each). This schedule takes the two state
+recurrences apart instead:
+  * chunk summary: grid (B, H, chunks), fully parallel; each chunk's total gate G_last and its contribution to
+    the carried state: (k e^(G_last - G))^T v for the forward's state, scale (q e^G)^T do for its gradient;
+  * scan: grid (B, H, K / 16); walks the chunks doing only carry = diag(e^G_last) carry + contribution,
+    elementwise on a [16, V] block of state rows (rows are independent), and writes the carry entering each chunk;
+    its loads do not depend on the carry, so they pipeline;
+  * output: grid (B, H, chunks), fully parallel; o of a chunk from its state, plus its guarded fix-up as for the
+    chunk gradients.
+The chunk-gradient kernels are the same in both schedules. In-chunk cumsums are matmuls with a triangle
 of ones (`_masked_row_sums`): with Triton's scan along the rows of a tile the chunk-gradient kernel was ~25% slower.
 
 Intra-chunk scores, exactly and cheaply
@@ -64,16 +78,21 @@ from jax.experimental.pallas import triton as plgpu
 CHUNK = 64
 FACTORISED_GATE_LIMIT = 60.0
 _MIN_DOT_DIM = 16
+_SCAN_ROWS = 16  # state rows per program of the chunk-parallel scan (K is a power of two >= 16)
+_CHUNK_PARALLEL_WARPS, _SCAN_STAGES = 4, 3  # launch parameters of the chunk-parallel kernels
 _LOG2_E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
     """Launch parameters. value_block: V columns per program of the two sequential kernels (None: all of V;
-    splitting V to fill the GPU at long T measured slower on an H100, see docs/gla_kernels.md); num_warps /
-    num_stages: Triton's, per kernel; forward_stages None: picked from the grid size (`_forward_stages`)."""
+    splitting V to fill the GPU at long T measured slower on an H100, see docs/gla_kernels.md); chunk_parallel:
+    the chunk-parallel schedule (module docstring; None: when the sequential kernels would have fewer programs
+    than the GPU has SMs); num_warps / num_stages: Triton's, per kernel; forward_stages None: picked from the
+    grid size (`_forward_stages`)."""
 
     value_block: int | None = None
+    chunk_parallel: bool | None = None
     forward_warps: int = 4
     forward_stages: int | None = None
     state_grad_warps: int = 4
@@ -95,6 +114,7 @@ class _Plan:
     state_dtype: jnp.dtype
     bf16_gates: bool
     guarded: bool  # see `_intra_chunk`
+    chunk_parallel: bool
     config: TritonConfig
     interpret: bool
 
@@ -213,6 +233,12 @@ def _gate_strength(gates):
     return jnp.max(jnp.max(jnp.abs(gates), axis=1), axis=0)
 
 
+def _chunk_output(q, k, v, gates, state, causal, plan):
+    """o of a chunk from the state entering it: scale * ((q e^G) h + tril(A) v)."""
+    scores, _, _ = _intra_chunk(q, k, gates, None, causal, plan.dot_dtype, plan.guarded)
+    return plan.scale * (_dot(q * _exp(gates), state, plan.dot_dtype) + _dot(scores, v, plan.dot_dtype))
+
+
 def _next_state(state, k, v, gates, total, dot_dtype):
     """State leaving the chunk: diag(e^G_last) h + (k e^(G_last - G))^T v."""
     k_to_end = k * _exp(total[None, :] - gates)
@@ -279,9 +305,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, *refs, plan):
         q, k = _load(q_ref, chunk, valid), _load(k_ref, chunk, valid)
         v = _load(v_ref, chunk, valid, plan.dot_dtype)
         gates, total = _gates(g_ref, chunk, valid, plan)
-        scores, _, _ = _intra_chunk(q, k, gates, None, causal, plan.dot_dtype, plan.guarded)
-        o = _dot(q * _exp(gates), state, plan.dot_dtype) + _dot(scores, v, plan.dot_dtype)
-        _store(o_ref, chunk, valid, plan.scale * o)
+        _store(o_ref, chunk, valid, _chunk_output(q, k, v, gates, state, causal, plan))
         if strength_ref is not None:  # elementwise here, reduced once after the loop
             strength = jnp.maximum(strength, jnp.abs(gates))
         return _next_state(state, k, v, gates, total, plan.dot_dtype), strength
@@ -342,6 +366,46 @@ def _chunk_grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, d_states_
     state_to_next = _exp(total) * jnp.sum(state * d_next_state, axis=1)
     _store(dg_ref, chunk, valid,
            _gate_grad(q * dq_open - k * dk_intra, k * dk_to_next_state, state_to_next, plan))
+
+
+def _chunk_summary_kernel(x_ref, y_ref, g_ref, contributions_ref, totals_ref, *strength_ref, plan, to_end):
+    """Chunk-parallel schedule: a chunk's share of a state recurrence, stored at its scan step: G_last, and the
+    contribution (x e^(G_last - G))^T y (to_end: the forward's k and v, towards the state leaving the chunk) or
+    scale (x e^G)^T y (the state gradient's q and dL/do, from the state entering it). Optionally its max |G|."""
+    chunk = pl.program_id(2)
+    step = _chunk_of_step(chunk, plan)
+    valid = _valid_rows(chunk, plan)
+    gates, total = _gates(g_ref, chunk, valid, plan)
+    x = _load(x_ref, chunk, valid)
+    x = x * _exp(total[None, :] - gates) if to_end else plan.scale * x * _exp(gates)
+    y = _load(y_ref, chunk, valid, plan.dot_dtype)
+    contributions_ref[step] = _dot(x, y, plan.dot_dtype, transpose_a=True)
+    totals_ref[step] = total
+    if strength_ref:
+        strength_ref[0][...] = _gate_strength(gates)
+
+
+def _scan_kernel(totals_ref, contributions_ref, initial_ref, carries_ref, final_ref, *, plan, backwards):
+    """Chunk-parallel schedule: carry = diag(e^G_last) carry + contribution over the scan steps (backwards: the
+    last step first), on one block of state rows; writes the carry entering each step, and the last one."""
+
+    def step_fn(i, carry):
+        step = plan.num_chunks - 1 - i if backwards else i
+        carries_ref[step] = carry.astype(carries_ref.dtype)
+        return _exp(totals_ref[step])[:, None] * carry + contributions_ref[step]
+
+    final_ref[...] = lax.fori_loop(0, plan.num_chunks, step_fn, initial_ref[...].astype(jnp.float32))
+
+
+def _output_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, plan, chunk=None):
+    """Chunk-parallel schedule: o of one chunk from the state entering it."""
+    chunk = pl.program_id(2) if chunk is None else chunk  # given by the fix-up kernel, which loops over chunks
+    valid = _valid_rows(chunk, plan)
+    q, k = _load(q_ref, chunk, valid), _load(k_ref, chunk, valid)
+    v = _load(v_ref, chunk, valid, plan.dot_dtype)
+    gates, _ = _gates(g_ref, chunk, valid, plan)
+    state = states_ref[_chunk_of_step(chunk, plan)]
+    _store(o_ref, chunk, valid, _chunk_output(q, k, v, gates, state, _causal_mask(plan.reverse), plan))
 
 
 def _only_if_strong(kernel, num_outputs, repeats=1, index_name=None):
@@ -469,32 +533,93 @@ def _state_grad_call(q, g, do, d_final, plan):
     )(q, g, do, d_final)
 
 
-def _chunk_grad_call(q, k, v, g, do, states, d_states, plan, fix_up=None):
-    """(dq, dk, dv, dg) by the unguarded kernel, grid (B, H, chunks); or, with fix_up = (strength, previous
-    (dq, dk, dv, dg)), recomputed by the guarded kernel for the flagged (batch, head) pairs, grid (B, H), each
-    program walking its chunks (the others end at once)."""
-    batch, seq_len, heads, key_dim = q.shape
+def _whole_sequence_specs(q, v, plan):
+    """BlockSpecs of the per-chunk kernels (grid (B, H, chunks), or (B, H) for their fix-ups): the [T, K] and
+    [T, V] rows of one (batch, head), and its [N, K, V] per-chunk states."""
+    _, seq_len, _, key_dim = q.shape
     value_dim = v.shape[-1]
-    key_spec = pl.BlockSpec((None, seq_len, None, key_dim), lambda b, h, *_: (b, 0, h, 0))
-    value_spec = pl.BlockSpec((None, seq_len, None, value_dim), lambda b, h, *_: (b, 0, h, 0))
-    states_spec = pl.BlockSpec((None, None, plan.num_chunks, key_dim, value_dim), lambda b, h, *_: (b, h, 0, 0, 0))
-    in_specs = [key_spec, key_spec, value_spec, key_spec, value_spec, states_spec, states_spec]
-    inputs = [q, k, v, g, do, states, d_states]
-    out_specs = [key_spec, key_spec, value_spec, key_spec]
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g)]
-    kernel, grid, aliases, name = _chunk_grad_kernel, (batch, heads, plan.num_chunks), {}, "gla_chunk_grad"
+    return (pl.BlockSpec((None, seq_len, None, key_dim), lambda b, h, *_: (b, 0, h, 0)),
+            pl.BlockSpec((None, seq_len, None, value_dim), lambda b, h, *_: (b, 0, h, 0)),
+            pl.BlockSpec((None, None, plan.num_chunks, key_dim, value_dim), lambda b, h, *_: (b, h, 0, 0, 0)))
+
+
+def _per_chunk_call(kernel, name, inputs, in_specs, outputs_like, out_specs, plan, compiler_params, fix_up=None):
+    """`kernel` (unguarded) over grid (B, H, chunks), one chunk per program, writing arrays shaped like
+    outputs_like; or, with fix_up = (strength, previous outputs), the guarded kernel for the flagged (batch, head)
+    pairs, grid (B, H), each program walking its chunks (the others end at once)."""
+    batch, _, heads, _ = inputs[0].shape
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs_like]
+    grid, aliases = (batch, heads, plan.num_chunks), {}
     if fix_up is not None:
         strength, previous = fix_up
         in_specs = [_strength_spec(strength.shape[-1])] + in_specs + out_specs
-        aliases = {len(inputs) + 1 + i: i for i in range(4)}
+        aliases = {len(inputs) + 1 + i: i for i in range(len(previous))}
         inputs = [strength] + inputs + list(previous)
-        kernel = _only_if_strong(kernel, 4, repeats=plan.num_chunks, index_name="chunk")
+        kernel = _only_if_strong(kernel, len(previous), repeats=plan.num_chunks, index_name="chunk")
         grid, plan, name = (batch, heads), dataclasses.replace(plan, guarded=True), name + "_fix_up"
     return pl.pallas_call(
         functools.partial(kernel, plan=plan), grid=grid, in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, input_output_aliases=aliases, interpret=plan.interpret, name=name,
-        compiler_params=_compiler_params(plan.config.chunk_grad_warps, plan.config.chunk_grad_stages),
+        compiler_params=compiler_params,
     )(*inputs)
+
+
+def _chunk_grad_call(q, k, v, g, do, states, d_states, plan, fix_up=None):
+    """(dq, dk, dv, dg) from the per-chunk states and their gradients (`_per_chunk_call`)."""
+    key_spec, value_spec, states_spec = _whole_sequence_specs(q, v, plan)
+    return _per_chunk_call(
+        _chunk_grad_kernel, "gla_chunk_grad", [q, k, v, g, do, states, d_states],
+        [key_spec, key_spec, value_spec, key_spec, value_spec, states_spec, states_spec], (q, k, v, g),
+        [key_spec, key_spec, value_spec, key_spec], plan,
+        _compiler_params(plan.config.chunk_grad_warps, plan.config.chunk_grad_stages), fix_up)
+
+
+def _output_call(q, k, v, g, states, plan, fix_up=None):
+    """Chunk-parallel schedule: o from the per-chunk states (`_per_chunk_call`)."""
+    key_spec, value_spec, states_spec = _whole_sequence_specs(q, v, plan)
+    (o,) = _per_chunk_call(_output_kernel, "gla_output", [q, k, v, g, states],
+                           [key_spec, key_spec, value_spec, key_spec, states_spec], (v,), [value_spec], plan,
+                           _compiler_params(plan.config.forward_warps, 1), fix_up)
+    return o
+
+
+def _summary_call(x, y, g, plan, *, to_end, with_strength):
+    """Chunk-parallel schedule: (contributions [B, H, N, K, V] float32, totals [B, H, N, K] float32, and with
+    with_strength the max |G| of each (batch, head) [B, H, 1]), see `_chunk_summary_kernel`."""
+    batch, _, heads, key_dim = x.shape
+    value_dim, num_chunks = y.shape[-1], plan.num_chunks
+    key_spec, value_spec, contributions_spec = _whole_sequence_specs(x, y, plan)
+    out_specs = [contributions_spec, pl.BlockSpec((None, None, num_chunks, key_dim), lambda b, h, c: (b, h, 0, 0))]
+    out_shape = [jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim), jnp.float32)]
+    if with_strength:
+        out_specs.append(pl.BlockSpec((None, None, None), lambda b, h, c: (b, h, c)))
+        out_shape.append(jax.ShapeDtypeStruct((batch, heads, num_chunks), jnp.float32))
+    contributions, totals, *strength = pl.pallas_call(
+        functools.partial(_chunk_summary_kernel, plan=plan, to_end=to_end), grid=(batch, heads, num_chunks),
+        in_specs=[key_spec, value_spec, key_spec], out_specs=out_specs, out_shape=out_shape,
+        interpret=plan.interpret, name="gla_chunk_summary", compiler_params=_compiler_params(_CHUNK_PARALLEL_WARPS, 1),
+    )(x, y, g)
+    # One strength per (batch, head) for the fix-up kernels, which read it whole (N is rarely a power of two).
+    return contributions, totals, *(jnp.max(s, axis=-1, keepdims=True) for s in strength)
+
+
+def _scan_call(totals, contributions, initial, plan, *, backwards):
+    """Chunk-parallel schedule: (carries entering each scan step [B, H, N, K, V] in plan.state_dtype, last
+    carry [B, H, K, V] float32), see `_scan_kernel`; grid (B, H, K / _SCAN_ROWS)."""
+    batch, heads, num_chunks, key_dim, value_dim = contributions.shape
+    steps_spec = pl.BlockSpec((None, None, num_chunks, _SCAN_ROWS, value_dim), lambda b, h, r: (b, h, 0, r, 0))
+    state_spec = pl.BlockSpec((None, None, _SCAN_ROWS, value_dim), lambda b, h, r: (b, h, r, 0))
+    return pl.pallas_call(
+        functools.partial(_scan_kernel, plan=plan, backwards=backwards), grid=(batch, heads, key_dim // _SCAN_ROWS),
+        in_specs=[pl.BlockSpec((None, None, num_chunks, _SCAN_ROWS), lambda b, h, r: (b, h, 0, r)), steps_spec,
+                  state_spec],
+        out_specs=[steps_spec, state_spec],
+        out_shape=[jax.ShapeDtypeStruct(contributions.shape, plan.state_dtype),
+                   jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
+        interpret=plan.interpret, name="gla_scan",
+        compiler_params=_compiler_params(_CHUNK_PARALLEL_WARPS, _SCAN_STAGES),
+    )(totals, contributions, initial)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -509,9 +634,32 @@ def _chunk_grad_call(q, k, v, g, do, states, d_states, plan, fix_up=None):
 
 
 def _forward(q, k, v, g, initial_state, plan, with_states):
+    if plan.chunk_parallel:
+        return _chunk_parallel_forward(q, k, v, g, initial_state, plan)
     o, final_state, strength, *states = _forward_call(q, k, v, g, initial_state, plan, with_states)
     o, final_state = _fix_up_forward_call(strength, q, k, v, g, initial_state, o, final_state, plan)
     return o, final_state, strength, states
+
+
+def _chunk_parallel_forward(q, k, v, g, initial_state, plan):
+    contributions, totals, strength = _summary_call(k, v, g, plan, to_end=True, with_strength=True)
+    if initial_state is None:
+        initial_state = jnp.zeros(contributions.shape[:2] + contributions.shape[3:], jnp.float32)
+    states, final_state = _scan_call(totals, contributions, initial_state, plan, backwards=False)
+    o = _output_call(q, k, v, g, states, plan)
+    o = _output_call(q, k, v, g, states, plan, fix_up=(strength, (o,)))
+    return o, final_state, strength, [states]
+
+
+def _state_grads(q, g, do, d_final, plan):
+    """(dL/d(state leaving each chunk) [B, H, N, K, V] in plan.state_dtype, dL/dinitial_state or None)."""
+    if plan.chunk_parallel:
+        contributions, totals = _summary_call(q, do, g, plan, to_end=False, with_strength=False)
+        d_states, d_initial = _scan_call(totals, contributions, d_final, plan, backwards=True)
+    else:
+        d_states, *d_initial = _state_grad_call(q, g, do, d_final, plan)
+        d_initial = d_initial[0] if d_initial else None
+    return d_states, (d_initial if plan.has_initial_state else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -529,11 +677,11 @@ def _gla_backward(plan, residuals, cotangents):
     q, k, v, g, states, strength = residuals
     do, d_final = cotangents
     do = do.astype(v.dtype)
-    d_states, *d_initial = _state_grad_call(q, g, do, d_final.astype(jnp.float32), plan)
+    d_states, d_initial = _state_grads(q, g, do, d_final.astype(jnp.float32), plan)
     inputs = (q, k, v, g, do, states, d_states)
     grads = _chunk_grad_call(*inputs, plan)
     dq, dk, dv, dg = _chunk_grad_call(*inputs, plan, fix_up=(strength, grads))
-    return dq, dk, dv, dg, (d_initial[0] if plan.has_initial_state else None)
+    return dq, dk, dv, dg, d_initial
 
 
 _gla.defvjp(_gla_forward, _gla_backward)
@@ -562,6 +710,13 @@ def _forward_stages(num_programs: int) -> int:
     if 1 <= per_multiprocessor <= 3 and math.ceil(per_multiprocessor) <= 1.1 * per_multiprocessor:
         return 6
     return 4 if 3 < per_multiprocessor <= 8 else 3
+
+
+def _leaves_multiprocessors_idle(num_programs: int) -> bool:
+    """Whether the sequential kernels' programs are fewer than the GPU's SMs (False without a GPU): the default
+    for the chunk-parallel schedule, whose summary and output kernels have a program per chunk."""
+    multiprocessors = _multiprocessor_count()
+    return multiprocessors is not None and num_programs < multiprocessors
 
 
 def _is_dot_dim(n):
@@ -613,9 +768,11 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
     if not (_is_dot_dim(value_block) and value_dim % value_block == 0):
         raise ValueError(f"config.value_block must be a power of two >= {_MIN_DOT_DIM} dividing V={value_dim}, "
                          f"got {value_block}")
+    num_programs = batch * heads * (value_dim // value_block)  # of the sequential kernels
     if config.forward_stages is None:
-        num_programs = batch * heads * (value_dim // value_block)
         config = dataclasses.replace(config, forward_stages=_forward_stages(num_programs))
+    if config.chunk_parallel is None:
+        config = dataclasses.replace(config, chunk_parallel=_leaves_multiprocessors_idle(num_programs))
     sixteen_bit = q.dtype in (jnp.bfloat16, jnp.float16)
     plan = _Plan(
         seq_len=seq_len, scale=float(scale), reverse=bool(reverse), has_initial_state=initial_state is not None,
@@ -623,7 +780,7 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
         # bf16 keeps float32's exponent range, which the factorised scores need; f16 would overflow at e^11.
         dot_dtype=jnp.dtype(jnp.bfloat16) if q.dtype == jnp.bfloat16 else jnp.dtype(jnp.float32),
         state_dtype=jnp.dtype(jnp.bfloat16) if sixteen_bit else jnp.dtype(jnp.float32),
-        bf16_gates=g.dtype == jnp.bfloat16, guarded=False,
+        bf16_gates=g.dtype == jnp.bfloat16, guarded=False, chunk_parallel=config.chunk_parallel,
         config=config, interpret=bool(interpret))
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)

@@ -6,6 +6,7 @@ every kernel (jax.export for CUDA, so an op the real lowering rejects fails here
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -90,17 +91,19 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("chunk_parallel", [False, True], ids=["sequential", "chunk_parallel"])
 @pytest.mark.parametrize("batch, seq_len, heads, key_dim, value_dim, reverse, with_initial_state, dtype, gates",
                          CASES)
 def test_kernels_match_reference(batch, seq_len, heads, key_dim, value_dim, reverse, with_initial_state, dtype,
-                                 gates):
+                                 gates, chunk_parallel):
     dims = (batch, seq_len, heads, key_dim, value_dim)
     inputs = gate_inputs(seq_len, *dims, gates=gates, dtype=dtype, with_initial_state=with_initial_state)
     chunk_decay = (-np.asarray(inputs[3][:, :CHUNK], np.float32).sum(axis=1)).max()
     # "mixed" must really have chunks beyond the factorisation's limit, "weak" none
     assert (chunk_decay > FACTORISED_GATE_LIMIT) == (gates == "mixed")
     cotangent = cotangents(seq_len + 1, *dims, dtype)
-    actual = outputs_and_grads(*inputs, *cotangent, impl=interpreted, reverse=reverse)
+    impl = functools.partial(interpreted, config=TritonConfig(chunk_parallel=chunk_parallel))
+    actual = outputs_and_grads(*inputs, *cotangent, impl=impl, reverse=reverse)
     o, final_state, dq, dk, dv, dg, dinitial_state = actual
     assert o.dtype == dtype and final_state.dtype == jnp.float32
     assert [x.dtype for x in (dq, dk, dv, dg)] == [dtype] * 4
@@ -126,25 +129,59 @@ def _shape_structs(batch, seq_len, heads, key_dim, value_dim, dtype):
             jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32))
 
 
+def cuda_kernel_names(fn, *args):
+    """The Pallas kernels in fn's real Triton lowering for CUDA (jax.export; no GPU needed), in program order."""
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    module = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+    names = re.findall(r'name = "(gla_\w+)"', module)
+    assert len(names) == module.count("__gpu$xla.gpu.triton")
+    return names
+
+
+# Kernels of the forward, and of the vjp: its o is unused, so the forward's o kernels are dead code there.
+SCHEDULE_KERNELS = {
+    False: ({"gla_forward", "gla_forward_fix_up"},
+            {"gla_forward", "gla_state_grad", "gla_chunk_grad", "gla_chunk_grad_fix_up"}),
+    True: ({"gla_chunk_summary", "gla_scan", "gla_output", "gla_output_fix_up"},
+           {"gla_chunk_summary", "gla_scan", "gla_chunk_grad", "gla_chunk_grad_fix_up"}),
+}
+
+
+@pytest.mark.parametrize("chunk_parallel", [False, True], ids=["sequential", "chunk_parallel"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_forward_and_vjp_lower_for_cuda(dtype):
-    """Runs the real Triton lowering (no GPU needed) of the forward kernel and of all backward kernels."""
+def test_forward_and_vjp_lower_for_cuda(dtype, chunk_parallel):
+    """Runs the real Triton lowering (no GPU needed) of every forward and backward kernel of a schedule."""
     batch, seq_len, heads, key_dim, value_dim = 2, 100, 3, 32, 64
     inputs = _shape_structs(batch, seq_len, heads, key_dim, value_dim, dtype)
     cotangent = (jax.ShapeDtypeStruct((batch, seq_len, heads, value_dim), dtype), inputs[-1])
+    config = TritonConfig(chunk_parallel=chunk_parallel)
 
     def forward(q, k, v, g, initial_state):
-        return gla_triton(q, k, v, g, scale=0.2, initial_state=initial_state, reverse=True)
+        return gla_triton(q, k, v, g, scale=0.2, initial_state=initial_state, reverse=True, config=config)
 
     def vjp(q, k, v, g, initial_state, o_cotangent, state_cotangent):
         return jax.vjp(forward, q, k, v, g, initial_state)[1]((o_cotangent, state_cotangent))
 
-    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    # forward: the unguarded kernel and its fix-up; vjp (its o is unused, so the forward fix-up is dead code): the
-    # forward, the state-gradient kernel, the chunk-gradient kernel and its fix-up.
-    for fn, args, kernels in ((forward, inputs, 2), (vjp, inputs + cotangent, 4)):
-        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
-        assert exported.mlir_module().count("__gpu$xla.gpu.triton") == kernels
+    forward_kernels, vjp_kernels = SCHEDULE_KERNELS[chunk_parallel]
+    assert set(cuda_kernel_names(forward, *inputs)) == forward_kernels
+    vjp_names = cuda_kernel_names(vjp, *inputs, *cotangent)
+    assert set(vjp_names) == vjp_kernels and len(vjp_names) == 4 + 2 * chunk_parallel  # two summaries and scans
+
+
+@pytest.mark.parametrize("batch, heads, multiprocessors, chunk_parallel", [
+    (1, 6, 132, True),     # DiG-S/2 at 1792 px, batch 1: 6 sequential programs for 132 SMs
+    (32, 6, 132, False),   # DiG-S/2 at 256 px, batch 32: 192 programs
+    (1, 6, None, False),   # no GPU: the sequential schedule
+])
+def test_chunk_parallel_schedule_by_default_when_programs_leave_sms_idle(monkeypatch, batch, heads,
+                                                                         multiprocessors, chunk_parallel):
+    monkeypatch.setattr(gla_triton_module, "_multiprocessor_count", lambda: multiprocessors)
+    inputs = _shape_structs(batch, 200, heads, 64, 64, jnp.bfloat16)
+
+    def forward(q, k, v, g, initial_state):
+        return gla_triton(q, k, v, g, scale=0.125, initial_state=initial_state, reverse=False)
+
+    assert set(cuda_kernel_names(forward, *inputs)) == SCHEDULE_KERNELS[chunk_parallel][0]
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
