@@ -328,7 +328,9 @@ def markdown_tables(check_rows, bench_rows, sweep_rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="check,bench,sweep")
-    parser.add_argument("--impls", default="pallas,fla,xla", help="what check and bench compare")
+    parser.add_argument("--impls", default="pallas,fla,xla",
+                        help="what check and bench compare; also pallas-chunk-parallel, gla_triton's other schedule "
+                             "(bench: in the JSON rows only)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--models", default="S,XL", help="bench: anchor models (S, XL)")
     parser.add_argument("--seq_lens", default=",".join(map(str, SEQ_LENS)), help="bench: sequence lengths")
@@ -342,6 +344,8 @@ def main():
     if jax.default_backend() != "gpu":
         raise SystemExit("this benchmark needs a GPU (impl='pallas' on GPU is the Triton path)")
     impls = {"pallas": gla_pallas}
+    if "pallas-chunk-parallel" in wanted:
+        impls["pallas-chunk-parallel"] = functools.partial(gla_triton, config=TritonConfig(chunk_parallel=True))
     if "xla" in wanted and (xla := load_xla()) is not None:
         impls["xla"] = xla
     fla = load_fla() if "fla" in wanted else None

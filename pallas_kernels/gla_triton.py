@@ -24,10 +24,11 @@ Three kernels:
     dk, dv and dg. dg is summed per chunk from terms that do not cancel (see `_gate_grad`): no running sum over
     the sequence, and no difference of large terms that bf16 states or TF32 dots would spoil.
 V blocks default to all of V (one program per (batch, head)): splitting V to give long sequences more programs
-measured slower on an H100 (it repeats the key-side work per block).
+measured slower on an H100 (it repeats the key-side work per block). In-chunk cumsums are matmuls with a triangle
+of ones (`_masked_row_sums`): with Triton's scan along the rows of a tile the chunk-gradient kernel was ~25% slower.
 
-Chunk-parallel schedule (`TritonConfig.chunk_parallel`, for few (batch, head) pairs at long T)
------------------------------------------------------------------------------------------------
+Chunk-parallel schedule (`TritonConfig(chunk_parallel=True)`, for few (batch, head) pairs at long T)
+----------------------------------------------------------------------------------------------------
 With one program per (batch, head), a small batch at long T leaves most SMs idle while each program walks its
 chunks (DiG-S/2 at 1792 px, batch 1: 6 programs for 132 SMs, 196 chunks each). This schedule takes the two state
 recurrences apart instead:
@@ -38,8 +39,7 @@ recurrences apart instead:
     its loads do not depend on the carry, so they pipeline;
   * output: grid (B, H, chunks), fully parallel; o of a chunk from its state, plus its guarded fix-up as for the
     chunk gradients.
-The chunk-gradient kernels are the same in both schedules. In-chunk cumsums are matmuls with a triangle
-of ones (`_masked_row_sums`): with Triton's scan along the rows of a tile the chunk-gradient kernel was ~25% slower.
+The chunk-gradient kernels are the same in both schedules. Off by default until its speed is measured on a GPU.
 
 Intra-chunk scores, exactly and cheaply
 ---------------------------------------
@@ -87,12 +87,11 @@ _LOG2_E = 1.4426950408889634
 class TritonConfig:
     """Launch parameters. value_block: V columns per program of the two sequential kernels (None: all of V;
     splitting V to fill the GPU at long T measured slower on an H100, see docs/gla_kernels.md); chunk_parallel:
-    the chunk-parallel schedule (module docstring; None: when the sequential kernels would have fewer programs
-    than the GPU has SMs); num_warps / num_stages: Triton's, per kernel; forward_stages None: picked from the
-    grid size (`_forward_stages`)."""
+    the chunk-parallel schedule (module docstring; off until timed on a GPU); num_warps / num_stages: Triton's,
+    per kernel; forward_stages None: picked from the grid size (`_forward_stages`)."""
 
     value_block: int | None = None
-    chunk_parallel: bool | None = None
+    chunk_parallel: bool = False
     forward_warps: int = 4
     forward_stages: int | None = None
     state_grad_warps: int = 4
@@ -712,13 +711,6 @@ def _forward_stages(num_programs: int) -> int:
     return 4 if 3 < per_multiprocessor <= 8 else 3
 
 
-def _leaves_multiprocessors_idle(num_programs: int) -> bool:
-    """Whether the sequential kernels' programs are fewer than the GPU's SMs (False without a GPU): the default
-    for the chunk-parallel schedule, whose summary and output kernels have a program per chunk."""
-    multiprocessors = _multiprocessor_count()
-    return multiprocessors is not None and num_programs < multiprocessors
-
-
 def _is_dot_dim(n):
     return n >= _MIN_DOT_DIM and n & (n - 1) == 0
 
@@ -768,11 +760,9 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
     if not (_is_dot_dim(value_block) and value_dim % value_block == 0):
         raise ValueError(f"config.value_block must be a power of two >= {_MIN_DOT_DIM} dividing V={value_dim}, "
                          f"got {value_block}")
-    num_programs = batch * heads * (value_dim // value_block)  # of the sequential kernels
     if config.forward_stages is None:
+        num_programs = batch * heads * (value_dim // value_block)
         config = dataclasses.replace(config, forward_stages=_forward_stages(num_programs))
-    if config.chunk_parallel is None:
-        config = dataclasses.replace(config, chunk_parallel=_leaves_multiprocessors_idle(num_programs))
     sixteen_bit = q.dtype in (jnp.bfloat16, jnp.float16)
     plan = _Plan(
         seq_len=seq_len, scale=float(scale), reverse=bool(reverse), has_initial_state=initial_state is not None,

@@ -168,22 +168,6 @@ def test_forward_and_vjp_lower_for_cuda(dtype, chunk_parallel):
     assert set(vjp_names) == vjp_kernels and len(vjp_names) == 4 + 2 * chunk_parallel  # two summaries and scans
 
 
-@pytest.mark.parametrize("batch, heads, multiprocessors, chunk_parallel", [
-    (1, 6, 132, True),     # DiG-S/2 at 1792 px, batch 1: 6 sequential programs for 132 SMs
-    (32, 6, 132, False),   # DiG-S/2 at 256 px, batch 32: 192 programs
-    (1, 6, None, False),   # no GPU: the sequential schedule
-])
-def test_chunk_parallel_schedule_by_default_when_programs_leave_sms_idle(monkeypatch, batch, heads,
-                                                                         multiprocessors, chunk_parallel):
-    monkeypatch.setattr(gla_triton_module, "_multiprocessor_count", lambda: multiprocessors)
-    inputs = _shape_structs(batch, 200, heads, 64, 64, jnp.bfloat16)
-
-    def forward(q, k, v, g, initial_state):
-        return gla_triton(q, k, v, g, scale=0.125, initial_state=initial_state, reverse=False)
-
-    assert set(cuda_kernel_names(forward, *inputs)) == SCHEDULE_KERNELS[chunk_parallel][0]
-
-
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
 def test_sharded_over_batch_and_heads(axis_type):
     """Under jit with B and H sharded on a ("data", "model") mesh, the kernels run per shard and match the
