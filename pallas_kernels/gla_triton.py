@@ -72,10 +72,15 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 CHUNK = 64
+# jax.checkpoint name of the residuals only the forward kernels make (per-chunk states, gate strengths): a remat
+# policy that saves it spares the backward pass a second run of the forward kernels. The others (q, k, v, g) are
+# the op's inputs, which the caller's policy keeps or recomputes.
+CHECKPOINT_NAME = "gla_chunk_states"
 FACTORISED_GATE_LIMIT = 60.0
 _MIN_DOT_DIM = 16
 _SCAN_ROWS = 16  # state rows per program of the chunk-parallel scan (K is a power of two >= 16)
@@ -669,6 +674,7 @@ def _gla(q, k, v, g, initial_state, plan):
 
 def _gla_forward(q, k, v, g, initial_state, plan):
     o, final_state, strength, (states,) = _forward(q, k, v, g, initial_state, plan, with_states=True)
+    states, strength = (checkpoint_name(x, CHECKPOINT_NAME) for x in (states, strength))
     return (o, final_state), (q, k, v, g, states, strength)
 
 

@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dig_jax.models.layers import REMAT_POLICIES, SEQUENCE_MIXER_OUTPUT
 from pallas_kernels import gla_triton as gla_triton_module
 from pallas_kernels.gla_pallas import gla_pallas, shard_over_batch_and_heads
 from pallas_kernels.gla_reference import gla_reference
@@ -166,6 +168,27 @@ def test_forward_and_vjp_lower_for_cuda(dtype, chunk_parallel):
     assert set(cuda_kernel_names(forward, *inputs)) == forward_kernels
     vjp_names = cuda_kernel_names(vjp, *inputs, *cotangent)
     assert set(vjp_names) == vjp_kernels and len(vjp_names) == 4 + 2 * chunk_parallel  # two summaries and scans
+
+
+@pytest.mark.parametrize("chunk_parallel", [False, True], ids=["sequential", "chunk_parallel"])
+def test_remat_matmuls_policy_runs_the_forward_kernels_once(chunk_parallel):
+    """Under the models' remat "matmuls" policy the per-chunk states (CHECKPOINT_NAME) are kept, so the backward
+    pass does not run the forward kernels a second time to remake them."""
+    batch, seq_len, heads, key_dim = 1, 128, 2, 16
+    config = TritonConfig(chunk_parallel=chunk_parallel)
+
+    def layer(kernel, x):  # input projections, log-sigmoid gate, GLA: the shape of DiG's use
+        q, k, v, g = (y.reshape(batch, seq_len, heads, key_dim) for y in jnp.split(x @ kernel, 4, axis=-1))
+        o, _ = gla_triton(q, k, v, jax.nn.log_sigmoid(g) / 16, scale=0.25, initial_state=None, reverse=False,
+                          config=config)
+        return jnp.sum(jnp.tanh(checkpoint_name(o, SEQUENCE_MIXER_OUTPUT)))
+
+    kernel = jax.ShapeDtypeStruct((heads * key_dim, 4 * heads * key_dim), jnp.float32)
+    x = jax.ShapeDtypeStruct((batch, seq_len, heads * key_dim), jnp.float32)
+    plain = cuda_kernel_names(jax.grad(layer), kernel, x)
+    remat = cuda_kernel_names(jax.grad(jax.checkpoint(layer, policy=REMAT_POLICIES["matmuls"])), kernel, x)
+    assert sorted(remat) == sorted(plain)
+    assert remat.count("gla_scan" if chunk_parallel else "gla_forward") == (2 if chunk_parallel else 1)
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])

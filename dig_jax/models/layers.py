@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import GLA_CHECKPOINT_NAME
+
 TIMESTEP_FREQUENCY_DIM = 256
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -209,14 +211,15 @@ SEQUENCE_MIXER_OUTPUT = "sequence_mixer_output"  # checkpoint name of the attent
 
 # config.remat -> jax.checkpoint policy of each block:
 #   "none"      keep every intermediate the backward pass reads (fastest, most memory);
-#   "matmuls"   keep the outputs of the matmuls and of the attention/GLA op, recompute the elementwise work
-#               between them (norms, modulation, gates, activations: memory-bound and cheap to redo);
+#   "matmuls"   keep the outputs of the matmuls and of the attention/GLA op (and the GLA kernels' per-chunk
+#               states, so that the backward pass does not run the GLA forward kernels again), recompute the
+#               elementwise work between them (norms, modulation, gates, activations: memory-bound, cheap to redo);
 #   "full"      keep only each block's input and recompute the whole block (least memory).
 REMAT_POLICIES = {
     "none": None,
     "matmuls": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(SEQUENCE_MIXER_OUTPUT)),
+        jax.checkpoint_policies.save_only_these_names(SEQUENCE_MIXER_OUTPUT, GLA_CHECKPOINT_NAME)),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
