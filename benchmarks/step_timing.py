@@ -5,9 +5,15 @@ import time
 
 import jax
 
+WARMUP_S = 2.0
 
-def time_step_calls(call, state, calls: int, windows: int = 3):
+
+def time_step_calls(call, state, calls: int, windows: int = 3, warmup_s: float = WARMUP_S):
     """Times `call(state) -> (state, metrics)`, a compiled train-step call that donates `state`.
+
+    First the calls run back to back, untimed, for at least `warmup_s` seconds. Without that, the first case of a
+    machine start (DiG-S/2, 2026-12-03, H200) timed 11.4 ms per step right after compiling, where the same model's
+    step timed after a training run (train_loop.py) took 8.0 ms: a GPU coming out of idle is the suspected cause.
 
     Returns (state, metrics, pipelined, synchronous), seconds per call:
       pipelined: `calls` calls dispatched back to back and waited for once, as the trainer runs them (the host
@@ -16,8 +22,12 @@ def time_step_calls(call, state, calls: int, windows: int = 3):
         median over all such calls.
     The two modes alternate in windows so that slow drifts (clocks, temperature) affect both alike.
     """
+    started = time.perf_counter()
+    while time.perf_counter() - started < warmup_s:
+        for _ in range(calls):
+            state, metrics = call(state)
+        jax.block_until_ready(metrics)
     pipelined, synchronous = [], []
-    metrics = None
     for _ in range(windows):
         for _ in range(calls):
             started = time.perf_counter()
