@@ -8,4 +8,5 @@ from pallas_kernels.gla import chunk_gla
 from pallas_kernels.gla_sequence_parallel import sequence_parallel_chunk_gla
 from pallas_kernels.gla_triton import CHECKPOINT_NAME as GLA_CHECKPOINT_NAME
 
-__all__ = ["CONV_IMPLS", "GLA_CHECKPOINT_NAME", "GLA_IMPLS", "chunk_gla", "depthwise_conv3x3", "sequence_parallel_chunk_gla"]
+__all__ = ["CONV_IMPLS", "GLA_CHECKPOINT_NAME", "GLA_IMPLS", "chunk_gla", "depthwise_conv3x3",
+           "sequence_parallel_chunk_gla"]
