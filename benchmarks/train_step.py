@@ -4,8 +4,9 @@ The step is the one `python -m dig_jax.train` runs (`dig_jax.train.build_trainer
 f32 parameters and optimizer, random latents (res / 8) as data. Each case runs in its own process so that its
 peak memory is its own:
     python benchmarks/train_step.py --res 256,1024 --models DiG-S/2,DiT-S/2,DiG-XL/2,DiT-XL/2 --out results.jsonl
-A case: model, variant (kernels and remat policy, see VARIANTS), resolution, batch. MFU counts the model FLOPs of
-`dig_jax.models.flops` (3x the forward pass, GLA and attention included) against --peak_tflops. Prints a table last.
+A case: model, variant (kernels, remat policy and GLA schedule, see VARIANTS), resolution, batch. MFU counts the
+model FLOPs of `dig_jax.models.flops` (3x the forward pass, GLA and attention included) against --peak_tflops.
+Prints a table last.
 
 Two times per case, after the compiling step (step_timing.time_step_calls, 3 windows of `--steps` steps): "step ms"
 with the steps dispatched back to back and waited for once, as the trainer runs them (the host dispatches step i + 1
@@ -28,18 +29,21 @@ from step_timing import time_step_calls
 DEFAULT_BATCH = {256: 32, 512: 8, 1024: 2, 1792: 1, 2048: 1}
 PEAK_BF16_TFLOPS = 989.0  # dense bf16 of an H100 / H200 SXM (datasheet)
 
-# family -> label -> (create_model options, remat policy)
+PALLAS = {"gla_impl": "pallas", "conv_impl": "pallas"}
+# family -> label -> (create_model options, remat policy, GLA Triton launch parameters or None for the defaults)
 VARIANTS = {
     "DiG": {
-        "pallas": ({"gla_impl": "pallas", "conv_impl": "pallas"}, "none"),
-        "pallas-remat": ({"gla_impl": "pallas", "conv_impl": "pallas"}, "matmuls"),
-        "lax-conv": ({"gla_impl": "pallas", "conv_impl": "conv"}, "none"),
-        "xla": ({"gla_impl": "xla", "conv_impl": "conv"}, "none"),
+        "pallas": (PALLAS, "none", None),
+        "pallas-remat": (PALLAS, "matmuls", None),
+        "pallas-chunk-parallel": (PALLAS, "none", {"chunk_parallel": True}),
+        "pallas-chunk-parallel-remat": (PALLAS, "matmuls", {"chunk_parallel": True}),
+        "lax-conv": ({"gla_impl": "pallas", "conv_impl": "conv"}, "none", None),
+        "xla": ({"gla_impl": "xla", "conv_impl": "conv"}, "none", None),
     },
     "DiT": {
-        "cudnn": ({"attention_impl": "cudnn"}, "none"),
-        "cudnn-remat": ({"attention_impl": "cudnn"}, "matmuls"),
-        "xla": ({"attention_impl": "xla"}, "none"),
+        "cudnn": ({"attention_impl": "cudnn"}, "none", None),
+        "cudnn-remat": ({"attention_impl": "cudnn"}, "matmuls", None),
+        "xla": ({"attention_impl": "xla"}, "none", None),
     },
 }
 
@@ -58,7 +62,10 @@ def run_case(model_name, label, res, batch, steps):
     from dig_jax.sharding import make_mesh
     from dig_jax.train import build_trainer, freeze_long_lived_objects
 
-    options, remat = variants(model_name)[label]
+    options, remat, triton_config = variants(model_name)[label]
+    if triton_config:  # this case runs in its own process: the swap affects nothing else
+        from pallas_kernels import gla_triton
+        gla_triton.DEFAULT_CONFIG = gla_triton.TritonConfig(**triton_config)
     config = base_config()
     config.model.name, config.model.input_size = model_name, res // 8
     config.model.options = options

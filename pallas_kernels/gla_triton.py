@@ -105,6 +105,10 @@ class TritonConfig:
     chunk_grad_stages: int = 1
 
 
+# What calls without a config get (chunk_gla's, hence the models'); benchmarks swap it to time a variant end to end.
+DEFAULT_CONFIG = TritonConfig()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Everything static about one call."""
@@ -750,7 +754,7 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
       initial_state: [B, H, K, V] float32 or None (zeros).
       reverse: scan from token T-1 down to token 0.
       interpret: run the kernels in Pallas interpret mode (any backend, slow).
-      config: `TritonConfig` launch parameters; None uses the defaults.
+      config: `TritonConfig` launch parameters; None uses DEFAULT_CONFIG.
 
     Returns:
       (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32). Differentiable w.r.t. q, k, v, g and
@@ -761,7 +765,7 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
         return _with_dot_dims(q, k, v, g, initial_state, functools.partial(
             gla_triton, scale=scale, reverse=reverse, interpret=interpret, config=config))
     batch, seq_len, heads, _ = q.shape
-    config = config or TritonConfig()
+    config = config or DEFAULT_CONFIG
     value_block = config.value_block or value_dim
     if not (_is_dot_dim(value_block) and value_dim % value_block == 0):
         raise ValueError(f"config.value_block must be a power of two >= {_MIN_DOT_DIM} dividing V={value_dim}, "

@@ -170,6 +170,21 @@ def test_forward_and_vjp_lower_for_cuda(dtype, chunk_parallel):
     assert set(vjp_names) == vjp_kernels and len(vjp_names) == 4 + 2 * chunk_parallel  # two summaries and scans
 
 
+def test_calls_without_a_config_use_the_module_default(monkeypatch):
+    """What chunk_gla's callers (the models) get; benchmarks/train_step.py swaps it to time the other schedule."""
+    inputs = _shape_structs(1, 200, 2, 32, 64, jnp.bfloat16)
+
+    def kernel_names():  # a new function each time: jit would reuse the trace of the same one
+        def forward(q, k, v, g, initial_state):
+            return gla_triton(q, k, v, g, scale=0.125, initial_state=initial_state, reverse=False)
+
+        return set(cuda_kernel_names(forward, *inputs))
+
+    assert kernel_names() == SCHEDULE_KERNELS[False][0]
+    monkeypatch.setattr(gla_triton_module, "DEFAULT_CONFIG", TritonConfig(chunk_parallel=True))
+    assert kernel_names() == SCHEDULE_KERNELS[True][0]
+
+
 @pytest.mark.parametrize("chunk_parallel", [False, True], ids=["sequential", "chunk_parallel"])
 def test_remat_matmuls_policy_runs_the_forward_kernels_once(chunk_parallel):
     """Under the models' remat "matmuls" policy the per-chunk states (CHECKPOINT_NAME) are kept, so the backward
