@@ -48,11 +48,11 @@ _START = time.time()
 SWEEP_CONFIGS = {  # the schedules (module docstring of gla_triton), then launch parameters of the sequential one
     "sequential": TritonConfig(chunk_parallel=False),
     "chunk-parallel": TritonConfig(chunk_parallel=True),
-    "v32": TritonConfig(value_block=32, chunk_parallel=False),
-    "v16": TritonConfig(value_block=16, chunk_parallel=False),
-    "grad8w": TritonConfig(chunk_grad_warps=8, chunk_parallel=False),
-    "fwd2st": TritonConfig(forward_stages=2, state_grad_stages=2, chunk_parallel=False),
-    "fwd8w": TritonConfig(forward_warps=8, state_grad_warps=8, chunk_parallel=False),
+    "v32": TritonConfig(value_block=32),
+    "v16": TritonConfig(value_block=16),
+    "grad8w": TritonConfig(chunk_grad_warps=8),
+    "fwd2st": TritonConfig(forward_stages=2, state_grad_stages=2),
+    "fwd8w": TritonConfig(forward_warps=8, state_grad_warps=8),
 }
 
 

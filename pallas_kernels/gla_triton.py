@@ -664,10 +664,9 @@ def _state_grads(q, g, do, d_final, plan):
     if plan.chunk_parallel:
         contributions, totals = _summary_call(q, do, g, plan, to_end=False, with_strength=False)
         d_states, d_initial = _scan_call(totals, contributions, d_final, plan, backwards=True)
-    else:
-        d_states, *d_initial = _state_grad_call(q, g, do, d_final, plan)
-        d_initial = d_initial[0] if d_initial else None
-    return d_states, (d_initial if plan.has_initial_state else None)
+        return d_states, (d_initial if plan.has_initial_state else None)
+    d_states, *d_initial = _state_grad_call(q, g, do, d_final, plan)  # d_initial only with an initial state
+    return d_states, (d_initial[0] if d_initial else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
