@@ -155,8 +155,8 @@ def rms_norm_swish_gate(o, g, weight):
 
     o, g: [..., V] in one dtype; weight: [V] float32. Returns [..., V] in o's dtype.
     The backward pass keeps only o, g and weight and recomputes the rest. Autodiff's residuals were seven float32
-    arrays the size of o; after XLA's fusions (compiled for a CPU) this still takes ~90 MB off each DiG-XL/2 block
-    at 256 px and batch 32, ~2.5 GB over its 28 blocks.
+    arrays the size of o; after XLA's fusions (compiled for a CPU) this still takes 22.7 MiB off each DiG-XL/2
+    block at 256 px and batch 8 (benchmarks/output_gate_memory.py).
     """
     o32 = o.astype(jnp.float32)
     o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), -1, keepdims=True) + RMS_NORM_EPS) * weight
