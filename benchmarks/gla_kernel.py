@@ -2,7 +2,7 @@
 Pallas kernels, the XLA path and fla's chunk_gla (PyTorch + Triton, when importable) at DiG's shapes, side by side.
 
 Usage, from the repository root on a GPU machine:
-    python benchmarks/gla_kernel.py [--sections check,bench,sweep] [--out DIR] [--budget-s SECONDS]
+    python benchmarks/gla_kernel.py [--sections check,bench,sweep,schedule] [--out DIR] [--budget-s SECONDS]
 
 Sections:
   check  errors (RMS-relative) against the float32 token-by-token reference, compiled on the GPU: pallas and xla
@@ -13,6 +13,9 @@ Sections:
          the ratio to the HBM floor: every input and output moved once at BANDWIDTH (fwd: q, k, v, g in, o out;
          fwd+bwd adds do in and dq, dk, dv, dg out, as in fla's o.backward(do)).
   sweep  launch-parameter variants of the Pallas kernels at a few shapes.
+  schedule  the sequential and the chunk-parallel schedule side by side (forward+backward) over a grid of
+         (batch x heads, T) around the point where gla_triton's automatic choice switches (`_chunk_parallel_pays`):
+         S heads (6), batch 1..16, T in 256..16384.
 JAX times: median over repeats of back-to-back calls (dispatch overlaps execution), after a warm-up call.
 fla times: triton.testing.do_bench medians (CUDA events). The table is printed last; JSON rows go to --out.
 """
@@ -44,10 +47,11 @@ SEQ_LENS = (256, 1024, 4096, 16384)
 # (model, heads, tokens, T): the anchors' extremes, and one image per batch at 1792 px (S/2) and 2048 px (XL/2).
 SWEEP_SHAPES = [("S", 6, 262_144, 256), ("S", 6, 262_144, 16384), ("XL", 18, 131_072, 16384),
                 ("S", 6, 12_544, 12_544), ("XL", 18, 16_384, 16_384)]
+SCHEDULE_BATCHES, SCHEDULE_HEADS = (1, 2, 4, 8, 16), 6
+SCHEDULES = {"sequential": TritonConfig(chunk_parallel=False), "chunk-parallel": TritonConfig(chunk_parallel=True)}
 _START = time.time()
 SWEEP_CONFIGS = {  # the schedules (module docstring of gla_triton), then launch parameters of the sequential one
-    "sequential": TritonConfig(chunk_parallel=False),
-    "chunk-parallel": TritonConfig(chunk_parallel=True),
+    **SCHEDULES,
     "v32": TritonConfig(value_block=32),
     "v16": TritonConfig(value_block=16),
     "grad8w": TritonConfig(chunk_grad_warps=8),
@@ -265,6 +269,14 @@ def bench(out_dir, impls, fla, deadline, models, seq_lens):
     return rows
 
 
+def configured(config):
+    """gla_triton with these launch parameters, as an impl for jax_fns."""
+    def impl(q, k, v, g, *, scale, initial_state, reverse):
+        return gla_triton(q, k, v, g, scale=scale, initial_state=initial_state, reverse=reverse, config=config)
+
+    return impl
+
+
 def sweep(out_dir, deadline):
     rows = []
     for model, heads, tokens, seq_len in SWEEP_SHAPES:
@@ -273,12 +285,7 @@ def sweep(out_dir, deadline):
         for name, config in SWEEP_CONFIGS.items():
             if time.time() > deadline:
                 break
-
-            def impl(q, k, v, g, *, scale, initial_state, reverse, config=config):
-                return gla_triton(q, k, v, g, scale=scale, initial_state=initial_state, reverse=reverse,
-                                  config=config)
-
-            forward, forward_backward = jax_fns(impl, KEY_DIM ** -0.5)
+            forward, forward_backward = jax_fns(configured(config), KEY_DIM ** -0.5)
             row = {"section": "sweep", "model": model, "T": seq_len, "variant": name,
                    "config": dataclasses.asdict(config), "fwd_ms": round(time_jax(forward, q, k, v, g), 3)}
             if not name.startswith("fwd"):
@@ -289,11 +296,27 @@ def sweep(out_dir, deadline):
     return rows
 
 
+def schedule(out_dir, deadline):
+    rows = []
+    for seq_len in SEQ_LENS:
+        for batch in SCHEDULE_BATCHES:
+            if time.time() > deadline:
+                return rows
+            inputs = bench_inputs(batch, seq_len, SCHEDULE_HEADS)
+            row = {"section": "schedule", "programs": batch * SCHEDULE_HEADS, "T": seq_len}
+            for name, config in SCHEDULES.items():
+                row[f"{name}_ms"] = round(time_jax(jax_fns(configured(config), KEY_DIM ** -0.5)[1], *inputs), 3)
+            rows.append(row)
+            log(row, out_dir)
+            del inputs
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Report.
 
 
-def markdown_tables(check_rows, bench_rows, sweep_rows):
+def markdown_tables(check_rows, bench_rows, sweep_rows, schedule_rows):
     lines = []
     if check_rows:
         names = ("o", "final_state", "dq", "dk", "dv", "dg", "dinitial_state")
@@ -322,6 +345,12 @@ def markdown_tables(check_rows, bench_rows, sweep_rows):
         lines += ["| model | T | variant | fwd ms | fwd+bwd ms |", "|---" * 5 + "|"]
         lines += [f"| {r['model']} | {r['T']} | {r['variant']} | {r['fwd_ms']:.3f} | {r.get('fwd_bwd_ms', '-')} |"
                   for r in sweep_rows]
+        lines.append("")
+    if schedule_rows:
+        lines += ["| programs (B x H) | T | sequential f+b ms | chunk-parallel f+b ms | sequential / chunk-parallel |",
+                  "|---" * 5 + "|"]
+        lines += [f"| {r['programs']} | {r['T']} | {r['sequential_ms']:.3f} | {r['chunk-parallel_ms']:.3f} | "
+                  f"{r['sequential_ms'] / r['chunk-parallel_ms']:.2f} |" for r in schedule_rows]
     return "\n".join(lines)
 
 
@@ -329,8 +358,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="check,bench,sweep")
     parser.add_argument("--impls", default="pallas,fla,xla",
-                        help="what check and bench compare; also pallas-chunk-parallel, gla_triton's other schedule "
-                             "(bench: in the JSON rows only)")
+                        help="what check and bench compare (pallas: gla_triton picks the schedule per shape); also "
+                             "pallas-chunk-parallel, that schedule forced (bench: in the JSON rows only)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--models", default="S,XL", help="bench: anchor models (S, XL)")
     parser.add_argument("--seq_lens", default=",".join(map(str, SEQ_LENS)), help="bench: sequence lengths")
@@ -356,7 +385,8 @@ def main():
     bench_rows = (bench(args.out, impls, fla, start + args.budget_s, args.models.split(","),
                         [int(t) for t in args.seq_lens.split(",")]) if "bench" in sections else [])
     sweep_rows = sweep(args.out, start + args.budget_s) if "sweep" in sections else []
-    report = markdown_tables(check_rows, bench_rows, sweep_rows)
+    schedule_rows = schedule(args.out, start + args.budget_s) if "schedule" in sections else []
+    report = markdown_tables(check_rows, bench_rows, sweep_rows, schedule_rows)
     with open(os.path.join(args.out, "gla_kernel.md"), "w") as f:
         f.write(report + "\n")
     print(f"total {time.time() - start:.0f} s")

@@ -39,7 +39,8 @@ recurrences apart instead:
     its loads do not depend on the carry, so they pipeline;
   * output: grid (B, H, chunks), fully parallel; o of a chunk from its state, plus its guarded fix-up as for the
     chunk gradients.
-The chunk-gradient kernels are the same in both schedules. Off by default until its speed is measured on a GPU.
+The chunk-gradient kernels are the same in both schedules. By default (`TritonConfig.chunk_parallel=None`) a call
+takes it where it measured faster, from the grid size (`_chunk_parallel_pays`).
 
 Intra-chunk scores, exactly and cheaply
 ---------------------------------------
@@ -85,6 +86,9 @@ FACTORISED_GATE_LIMIT = 60.0
 _MIN_DOT_DIM = 16
 _SCAN_ROWS = 16  # state rows per program of the chunk-parallel scan (K is a power of two >= 16)
 _CHUNK_PARALLEL_WARPS, _SCAN_STAGES = 4, 3  # launch parameters of the chunk-parallel kernels
+# The automatic schedule choice (`_chunk_parallel_pays`): chunk-parallel for at most 1/4 as many sequential walks
+# as SMs, each at least this many chunks long (T >= 4096).
+_CHUNK_PARALLEL_MAX_SM_SHARE, _CHUNK_PARALLEL_MIN_CHUNKS = 4, 64
 _LOG2_E = 1.4426950408889634
 
 
@@ -92,11 +96,12 @@ _LOG2_E = 1.4426950408889634
 class TritonConfig:
     """Launch parameters. value_block: V columns per program of the two sequential kernels (None: all of V;
     splitting V to fill the GPU at long T measured slower on an H100, see docs/gla_kernels.md); chunk_parallel:
-    the chunk-parallel schedule (module docstring; off until timed on a GPU); num_warps / num_stages: Triton's,
-    per kernel; forward_stages None: picked from the grid size (`_forward_stages`)."""
+    the chunk-parallel schedule (module docstring), None: picked from the grid size (`_chunk_parallel_pays`);
+    num_warps / num_stages: Triton's, per kernel; forward_stages None: picked from the grid size
+    (`_forward_stages`)."""
 
     value_block: int | None = None
-    chunk_parallel: bool = False
+    chunk_parallel: bool | None = None
     forward_warps: int = 4
     forward_stages: int | None = None
     state_grad_warps: int = 4
@@ -720,6 +725,20 @@ def _forward_stages(num_programs: int) -> int:
     return 4 if 3 < per_multiprocessor <= 8 else 3
 
 
+def _chunk_parallel_pays(num_programs: int, num_chunks: int) -> bool:
+    """Whether the chunk-parallel schedule beats the sequential one for a grid of num_programs (batch, head,
+    V block) walks of num_chunks chunks each: only when the walks leave most SMs idle and are long enough that
+    their serial latency outweighs the schedule's extra kernels and HBM round trip of the chunk contributions.
+    Measured on an H200 (132 SMs, docs/gla_kernels.md), forward + backward, sequential / chunk-parallel time:
+    at T = 4096 (64 chunks) 2.63 for 6 programs, 2.05 for 12, 1.41 for 24, 0.99 for 48, 0.78 for 96; at
+    T = 16384 2.69 / 1.74 / 1.27 / 0.99 for 6-48, 0.78 for 96; at T <= 1024 (<= 16 chunks) both take 0.07-0.15 ms,
+    launch-bound, and chunk-parallel was the slower in 7 of 10 cases."""
+    multiprocessors = _multiprocessor_count()
+    if multiprocessors is None:
+        return False
+    return num_programs * _CHUNK_PARALLEL_MAX_SM_SHARE <= multiprocessors and num_chunks >= _CHUNK_PARALLEL_MIN_CHUNKS
+
+
 def _is_dot_dim(n):
     return n >= _MIN_DOT_DIM and n & (n - 1) == 0
 
@@ -769,9 +788,12 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
     if not (_is_dot_dim(value_block) and value_dim % value_block == 0):
         raise ValueError(f"config.value_block must be a power of two >= {_MIN_DOT_DIM} dividing V={value_dim}, "
                          f"got {value_block}")
+    num_programs = batch * heads * (value_dim // value_block)
     if config.forward_stages is None:
-        num_programs = batch * heads * (value_dim // value_block)
         config = dataclasses.replace(config, forward_stages=_forward_stages(num_programs))
+    if config.chunk_parallel is None:
+        config = dataclasses.replace(
+            config, chunk_parallel=_chunk_parallel_pays(num_programs, pl.cdiv(seq_len, CHUNK)))
     sixteen_bit = q.dtype in (jnp.bfloat16, jnp.float16)
     plan = _Plan(
         seq_len=seq_len, scale=float(scale), reverse=bool(reverse), has_initial_state=initial_state is not None,

@@ -261,6 +261,22 @@ def test_forward_stages_follow_programs_per_multiprocessor(monkeypatch, programs
     assert gla_triton_module._forward_stages(programs) == stages
 
 
+@pytest.mark.parametrize("programs,seq_len,chunk_parallel", [
+    (6, 12_544, True), (12, 4096, True), (24, 16_384, True),  # most SMs idle, long walks: measured faster
+    (48, 16_384, False), (96, 4096, False),                   # a tie at 48 programs, slower at 96
+    (6, 1024, False),                                         # 16 chunks: launch-bound, no faster
+])
+def test_chunk_parallel_schedule_is_picked_by_grid_size(monkeypatch, programs, seq_len, chunk_parallel):
+    monkeypatch.setattr(gla_triton_module, "_multiprocessor_count", lambda: 132)
+    plans = []
+    monkeypatch.setattr(gla_triton_module, "_gla", lambda *args: plans.append(args[-1]) or (None, None))
+    q, k, v, g = _shape_structs(programs // 2, seq_len, 2, 32, 64, jnp.bfloat16)[:4]
+    gla_triton(q, k, v, g, scale=0.125, initial_state=None, reverse=False)
+    assert plans[-1].chunk_parallel is chunk_parallel
+    gla_triton(q, k, v, g, scale=0.125, initial_state=None, reverse=False, config=TritonConfig(chunk_parallel=False))
+    assert plans[-1].chunk_parallel is False  # an explicit choice wins
+
+
 def test_forward_stages_default_without_a_gpu(monkeypatch):
     monkeypatch.setattr(gla_triton_module, "_multiprocessor_count", lambda: None)
     assert gla_triton_module._forward_stages(384) == 3
