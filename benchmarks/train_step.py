@@ -13,6 +13,9 @@ with the steps dispatched back to back and waited for once, as the trainer runs 
 while the device runs step i); images/s and MFU come from it. "synced ms" with each step waited for, which adds the
 host's dispatch time and the launch gap to every step; rows in docs/benchmarks.md dated before this two-time table
 report that one as their step time.
+
+--profile DIR also traces `--steps` more steps of each case with jax.profiler (under DIR/<case>) and adds to its
+row, and prints after the table, the GPU kernels per step by kind and the longest ones (benchmarks/kernel_trace.py).
 """
 
 import argparse
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import time
 
+from kernel_trace import format_summary, summarize
 from results import report
 from step_timing import time_step_calls
 
@@ -35,8 +39,8 @@ VARIANTS = {
     "DiG": {
         "pallas": (PALLAS, "none", None),
         "pallas-remat": (PALLAS, "matmuls", None),
+        "pallas-sequential": (PALLAS, "none", {"chunk_parallel": False}),
         "pallas-chunk-parallel": (PALLAS, "none", {"chunk_parallel": True}),
-        "pallas-chunk-parallel-remat": (PALLAS, "matmuls", {"chunk_parallel": True}),
         "lax-conv": ({"gla_impl": "pallas", "conv_impl": "conv"}, "none", None),
         "xla": ({"gla_impl": "xla", "conv_impl": "conv"}, "none", None),
     },
@@ -52,7 +56,7 @@ def variants(model_name):
     return VARIANTS[model_name.split("-")[0]]
 
 
-def run_case(model_name, label, res, batch, steps):
+def run_case(model_name, label, res, batch, steps, profile_dir=None):
     import jax
     import numpy as np
 
@@ -89,10 +93,17 @@ def run_case(model_name, label, res, batch, steps):
         raise RuntimeError(f"non-finite loss {metrics['loss']}")
     stats = jax.devices()[0].memory_stats() or {}
     flops = train_flops_per_image(model_config(model_name, input_size=res // 8, **options))
-    return {"step_ms": 1e3 * step_s, "synced_step_ms": 1e3 * synced_s, "images_per_s": batch / step_s,
-            "train_gflop_per_image": flops / 1e9, "tflops": flops * batch / step_s / 1e12,
-            "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30,
-            "compile_s": compile_s, "loss": float(metrics["loss"]), "device": jax.devices()[0].device_kind}
+    row = {"step_ms": 1e3 * step_s, "synced_step_ms": 1e3 * synced_s, "images_per_s": batch / step_s,
+           "train_gflop_per_image": flops / 1e9, "tflops": flops * batch / step_s / 1e12,
+           "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30,
+           "compile_s": compile_s, "loss": float(metrics["loss"]), "device": jax.devices()[0].device_kind}
+    if profile_dir:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                state, metrics = trainer.train_steps(state, batches, trainer.space.frozen)
+            jax.block_until_ready(metrics)
+        row["kernels"] = summarize(profile_dir, steps)
+    return row
 
 
 def main():
@@ -105,12 +116,13 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--timeout", type=int, default=400, help="seconds per case")
     parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--profile", default=None, help="trace each case's steps under this directory")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
 
     if args.case:
         model_name, label = args.case.split("|")
-        print(json.dumps(run_case(model_name, label, int(args.res), args.batch, args.steps)))
+        print(json.dumps(run_case(model_name, label, int(args.res), args.batch, args.steps, args.profile)))
         return
 
     keep = args.variants.split(",")
@@ -123,6 +135,9 @@ def main():
             for label in [label for label in keep if label in variants(model_name)]:
                 command = [sys.executable, __file__, "--case", f"{model_name}|{label}", "--res", str(res),
                            "--batch", str(batch), "--steps", str(args.steps)]
+                if args.profile:
+                    case_name = f"{model_name}_{label}_{res}".replace("/", "-")
+                    command += ["--profile", os.path.join(os.path.abspath(args.profile), case_name)]
                 row = {"model": model_name, "variant": label, "res": res, "batch": batch}
                 try:
                     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -137,6 +152,9 @@ def main():
                 rows.append(row)
                 report(row, args.out)
     print_table(rows)
+    for row in rows:
+        if "kernels" in row:
+            print("\n" + format_summary(row["kernels"], f"{row['model']} {row['variant']} {row['res']} px"))
 
 
 def print_table(rows):
