@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from dig_jax.models import MODELS, count_params, create_model
-from dig_jax.models.dig import ScanOrder, permute_tokens, rms_norm_swish_gate
+from dig_jax.models.dig import ScanOrder, log_forget_gate, permute_tokens, rms_norm_swish_gate
 from dig_jax.models.layers import layer_norm, modulate, sincos_2d
 
 # Spec section 1: official counts, fixed pos_embed included, input 32, 1000 classes, learn_sigma.
@@ -192,6 +192,17 @@ def test_remat_policies_change_memory_not_gradients(name):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads(remat), expected)
     with pytest.raises(ValueError, match="remat must be one of"):
         grads("dots")
+
+
+def test_log_forget_gate_backward_matches_autodiff_and_keeps_only_its_output():
+    logits = jnp.concatenate([jnp.linspace(-30.0, 30.0, 61), jnp.array([-80.0, 80.0])]).reshape(1, 7, 9)
+    cotangent = jax.random.normal(jax.random.key(0), logits.shape)
+    value, backward = jax.vjp(log_forget_gate, logits)
+    expected_value, expected_backward = jax.vjp(log_forget_gate.fun, logits)  # the formula left to autodiff
+    np.testing.assert_array_equal(value, expected_value)
+    np.testing.assert_allclose(backward(cotangent)[0], expected_backward(cotangent)[0], rtol=2e-6, atol=1e-30)
+    assert [leaf.nbytes for leaf in jax.tree_util.tree_leaves(backward)] == [value.nbytes]
+    assert sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(expected_backward)) >= 2 * value.nbytes
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])

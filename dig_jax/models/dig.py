@@ -127,13 +127,17 @@ class GatedLinearAttention(nnx.Module):
 
         The five projections of x run as one matmul with the kernels side by side: x is read once and its gradient
         is one matmul instead of a sum of five: fewer, larger kernels in a step made of many small ones (DiG-S/2).
+        The five parts leave the matmul's output as separate arrays (the barrier): otherwise XLA:GPU lets the output
+        gate's backward read g out of the whole [N, T, 3 D + 16] product, keeping it alive from the forward to the
+        backward pass next to the copies of q, k and v the GLA kernels keep (DiG-S/2 step, H200, 2026-12-03).
         """
         layers = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_proj_down)
         kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
         x, kernel = self.q_proj.promote_dtype((x, kernel), dtype=self.q_proj.dtype, inexact=True)  # as nnx.Linear
         projected = jnp.dot(x, kernel, precision=self.q_proj.precision)
-        q, k, v, g, gate_code = jnp.split(projected, np.cumsum([layer.out_features for layer in layers[:-1]]), -1)
-        log_forget = jax.nn.log_sigmoid(self.gk_proj_up(gate_code).astype(jnp.float32)) / GATE_LOGIT_NORMALIZER
+        q, k, v, g, gate_code = jax.lax.optimization_barrier(
+            tuple(jnp.split(projected, np.cumsum([layer.out_features for layer in layers[:-1]]), -1)))
+        log_forget = log_forget_gate(self.gk_proj_up(gate_code).astype(jnp.float32))
         return self._heads(q), self._heads(k), self._heads(v), self._heads(g), self._heads(log_forget)
 
     def __call__(self, x, *, reverse: bool = False):
@@ -147,6 +151,29 @@ class GatedLinearAttention(nnx.Module):
         o = checkpoint_name(o, SEQUENCE_MIXER_OUTPUT)
         o = rms_norm_swish_gate(o, g, self.g_norm_weight[...]).astype(x.dtype)
         return self.o_proj(o.reshape(*x.shape[:2], -1))
+
+
+@jax.custom_vjp
+def log_forget_gate(logits):
+    """fla's forget gate in log space: log_sigmoid(logits) / GATE_LOGIT_NORMALIZER, float32 [..., K].
+
+    The backward pass keeps only the output, which the GLA op keeps anyway as its gate input: d/dx log_sigmoid(x)
+    = sigmoid(-x) = -expm1(log_sigmoid(x)). With autodiff, the compiled DiG-S/2 step (H200, 2026-12-03) kept the
+    float32 softplus(-x) and the 16-bit logits of every layer from its forward to its backward pass.
+    """
+    return jax.nn.log_sigmoid(logits) / GATE_LOGIT_NORMALIZER
+
+
+def _log_forget_gate_forward(logits):
+    log_forget = log_forget_gate(logits)
+    return log_forget, log_forget
+
+
+def _log_forget_gate_backward(log_forget, d_log_forget):
+    return (-jnp.expm1(GATE_LOGIT_NORMALIZER * log_forget) * d_log_forget / GATE_LOGIT_NORMALIZER,)
+
+
+log_forget_gate.defvjp(_log_forget_gate_forward, _log_forget_gate_backward)
 
 
 @jax.custom_vjp
