@@ -18,9 +18,11 @@ Kernel layout
 -------------
 Each program owns `TOKEN_BLOCK` consecutive tokens x a block of channels and reads the nine neighbours of its
 tokens as nine shifted tiles of the flat sequence (offsets dr * W + dc): the shifted tiles overlap, so after the
-first one they come from cache. Zero padding in the row direction comes from `_PAD` = W + 1 zero rows added
-before and after the sequence (every load then starts at a non-negative row, which Pallas' interpret mode needs);
-in the column direction a tap whose neighbour would wrap into the previous or next grid row is masked.
+first one they come from cache. A tap whose neighbour lies outside the grid is masked: above the first or below
+the last grid row (outside the sequence), or across the left or right edge (wrapping into the previous or next
+row). On a GPU the masked rows of a tile may lie before the sequence's start or past its end: Triton does not load
+them. Interpret mode slices instead (a slice starting before row 0 would be clamped, shifting the tile), so there
+the sequence gets `_halo_rows` = W + 1 zero rows on both sides and the same kernels read it at that offset.
 The backward pass is the same loop twice: dx is the convolution of dy with the filter rotated by 180 degrees,
 and the filter gradient of tap (dr, dc) is the sum over tokens of dy * (x shifted by that tap), reduced per
 program into [N, token blocks, 10, D] float32 partials (nine taps and the bias) that XLA sums.
@@ -86,29 +88,35 @@ def _channel_block(channels):
     return None
 
 
-def _pad_rows(grid_width):
-    return grid_width + 1
+def _halo_rows(grid_width, interpret):
+    """Zero rows around the sequence in the kernels' inputs: none on a GPU (module docstring)."""
+    return grid_width + 1 if interpret else 0
 
 
-def _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens):
+def _with_halo(x, halo):
+    return jnp.pad(x, ((0, 0), (halo, halo), (0, 0))) if halo else x
+
+
+def _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens, halo):
     """[TOKEN_BLOCK, channels] float32 tile of x at (token + dr * W + dc) for the program's tokens, zero where that
-    neighbour is outside the grid; x_ref holds the sequence with _pad_rows zero rows on both sides."""
+    neighbour is outside the grid; x_ref holds the sequence with `halo` rows on both sides."""
     dr, dc = _TAPS[tap]
     tokens = token_start + lax.broadcasted_iota(jnp.int32, (TOKEN_BLOCK,), 0)
-    valid = tokens < num_tokens
+    neighbours = tokens + dr * grid_width + dc
+    valid = (tokens < num_tokens) & (neighbours >= 0) & (neighbours < num_tokens)
     if dc < 0:
         valid &= tokens % grid_width > 0
     elif dc > 0:
         valid &= tokens % grid_width < grid_width - 1
-    start = token_start + _pad_rows(grid_width) + dr * grid_width + dc
+    start = token_start + halo + dr * grid_width + dc
     return plgpu.load(x_ref.at[pl.ds(start, TOKEN_BLOCK), :], mask=valid[:, None], other=0).astype(jnp.float32)
 
 
-def _conv_tile(x_ref, w_ref, token_start, grid_width, num_tokens):
+def _conv_tile(x_ref, w_ref, token_start, grid_width, num_tokens, halo):
     acc = jnp.zeros((TOKEN_BLOCK, x_ref.shape[-1]), jnp.float32)
     for tap in range(len(_TAPS)):
         weight = w_ref[tap].astype(jnp.float32)[None, :]
-        acc += _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens) * weight
+        acc += _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens, halo) * weight
     return acc
 
 
@@ -117,29 +125,25 @@ def _store_tokens(o_ref, token_start, num_tokens, tile):
     plgpu.store(o_ref.at[pl.ds(token_start, TOKEN_BLOCK), :], tile.astype(o_ref.dtype), mask=valid[:, None])
 
 
-def _forward_kernel(x_ref, w_ref, b_ref, y_ref, *, grid_width, num_tokens):
+def _forward_kernel(x_ref, w_ref, b_ref, y_ref, *, grid_width, num_tokens, halo):
     token_start = pl.program_id(1) * TOKEN_BLOCK
-    y = _conv_tile(x_ref, w_ref, token_start, grid_width, num_tokens) + b_ref[...].astype(jnp.float32)[None, :]
+    y = _conv_tile(x_ref, w_ref, token_start, grid_width, num_tokens, halo) + b_ref[...].astype(jnp.float32)[None, :]
     _store_tokens(y_ref, token_start, num_tokens, y)
 
 
-def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, grid_width, num_tokens):
+def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, grid_width, num_tokens, halo):
     token_start = pl.program_id(1) * TOKEN_BLOCK
     _store_tokens(dx_ref, token_start, num_tokens, _conv_tile(dy_ref, w_rotated_ref, token_start, grid_width,
-                                                              num_tokens))
-    dy = _shifted_tile(dy_ref, token_start, _TAPS.index((0, 0)), grid_width, num_tokens)  # zero past the end
+                                                              num_tokens, halo))
+    dy = _shifted_tile(dy_ref, token_start, _TAPS.index((0, 0)), grid_width, num_tokens, halo)  # zero past the end
     for tap in range(len(_TAPS)):
-        partials_ref[tap] = jnp.sum(_shifted_tile(x_ref, token_start, tap, grid_width, num_tokens) * dy, axis=0)
+        tile = _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens, halo)
+        partials_ref[tap] = jnp.sum(tile * dy, axis=0)
     partials_ref[len(_TAPS)] = jnp.sum(dy, axis=0)
 
 
-def _padded(x, grid_width):
-    pad = _pad_rows(grid_width)
-    return jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
-
-
 def _call(kernel, inputs, out_shape, grid_width, num_tokens, interpret, name):
-    """pallas_call over the grid (N, token blocks, channel blocks): `inputs` are padded sequences [N, T + 2P, D]
+    """pallas_call over the grid (N, token blocks, channel blocks): `inputs` are sequences [N, T + 2 halo, D]
     then [9, D] filters / [D] vectors; outputs are [N, T, D] sequences or [N, token blocks, 10, D] partials."""
     n, _, d = inputs[0].shape
     block = _channel_block(d)
@@ -153,32 +157,33 @@ def _call(kernel, inputs, out_shape, grid_width, num_tokens, interpret, name):
         return pl.BlockSpec(shape[:-1] + (block,), lambda n, i, j: (0,) * (len(shape) - 1) + (j,))
 
     return pl.pallas_call(
-        functools.partial(kernel, grid_width=grid_width, num_tokens=num_tokens),
+        functools.partial(kernel, grid_width=grid_width, num_tokens=num_tokens,
+                          halo=_halo_rows(grid_width, interpret)),
         grid=(n, token_blocks, d // block), in_specs=[spec(x.shape) for x in inputs],
         out_specs=[spec(o.shape) for o in out_shape], out_shape=out_shape, interpret=interpret, name=name,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
     )(*inputs)
 
 
-def _forward(x_padded, filters, bias, *, grid_width, num_tokens, interpret):
-    """y [N, T, D] from x padded by _pad_rows on both sides, filters [9, D] and bias [D]."""
-    n, _, d = x_padded.shape
-    (y,) = _call(_forward_kernel, [x_padded, filters, bias], [jax.ShapeDtypeStruct((n, num_tokens, d), x_padded.dtype)],
+def _forward(x, filters, bias, *, grid_width, num_tokens, interpret):
+    """y [N, T, D] from x (with its halo rows, see `_halo_rows`), filters [9, D] and bias [D]."""
+    n, _, d = x.shape
+    (y,) = _call(_forward_kernel, [x, filters, bias], [jax.ShapeDtypeStruct((n, num_tokens, d), x.dtype)],
                  grid_width, num_tokens, interpret, "depthwise_conv3x3")
     return y
 
 
-def _backward(x_padded, dy_padded, rotated_filters, *, grid_width, num_tokens, interpret):
-    """(dx [N, T, D], filter and bias gradient partials [N, token blocks, 10, D] float32)."""
-    n, _, d = x_padded.shape
-    out_shape = [jax.ShapeDtypeStruct((n, num_tokens, d), x_padded.dtype),
+def _backward(x, dy, rotated_filters, *, grid_width, num_tokens, interpret):
+    """(dx [N, T, D], filter and bias gradient partials [N, token blocks, 10, D] float32); x, dy with their halo."""
+    n, _, d = x.shape
+    out_shape = [jax.ShapeDtypeStruct((n, num_tokens, d), x.dtype),
                  jax.ShapeDtypeStruct((n, pl.cdiv(num_tokens, TOKEN_BLOCK), len(_TAPS) + 1, d), jnp.float32)]
-    return _call(_backward_kernel, [x_padded, dy_padded, rotated_filters], out_shape, grid_width, num_tokens,
+    return _call(_backward_kernel, [x, dy, rotated_filters], out_shape, grid_width, num_tokens,
                  interpret, "depthwise_conv3x3_backward")
 
 
 def _per_batch_shard(fn, *args):
-    """fn(x_padded, ...) run on each batch shard of the ambient mesh (a pallas_call is opaque to XLA's SPMD
+    """fn(x, ...) run on each batch shard of the ambient mesh (a pallas_call is opaque to XLA's SPMD
     partitioner, which would otherwise gather the whole batch onto every device); directly without a mesh.
     Outputs keep the batch axis first, so XLA sums the filter-gradient partials across shards itself."""
     batch_axes = ambient_batch_axes(args[0].shape[0])
@@ -195,16 +200,16 @@ def _conv_pallas(x, kernel, bias, grid_width, interpret):
 
 
 def _conv_pallas_forward(x, kernel, bias, grid_width, interpret):
-    x_padded = _padded(x, grid_width)
     forward = functools.partial(_forward, grid_width=grid_width, num_tokens=x.shape[1], interpret=interpret)
-    return _per_batch_shard(forward, x_padded, kernel.reshape(len(_TAPS), -1), bias), (x_padded, kernel, bias)
+    x = _with_halo(x, _halo_rows(grid_width, interpret))
+    return _per_batch_shard(forward, x, kernel.reshape(len(_TAPS), -1), bias), (x, kernel, bias)
 
 
 def _conv_pallas_backward(grid_width, interpret, residuals, dy):
-    x_padded, kernel, bias = residuals
+    x, kernel, bias = residuals
     d = kernel.shape[-1]
     backward = functools.partial(_backward, grid_width=grid_width, num_tokens=dy.shape[1], interpret=interpret)
-    dx, partials = _per_batch_shard(backward, x_padded, _padded(dy, grid_width),
+    dx, partials = _per_batch_shard(backward, x, _with_halo(dy, _halo_rows(grid_width, interpret)),
                                     kernel[::-1, ::-1].reshape(len(_TAPS), d))
     sums = partials.sum(axis=(0, 1))
     return dx, sums[:len(_TAPS)].reshape(3, 3, d).astype(kernel.dtype), sums[len(_TAPS)].astype(bias.dtype)
