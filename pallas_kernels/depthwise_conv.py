@@ -35,9 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.mesh import ambient_batch_axes
+from pallas_kernels.mesh import per_batch_shard
 
 TOKEN_BLOCK = 64
 _CHANNEL_BLOCKS = (128, 64, 32, 16)
@@ -182,18 +181,6 @@ def _backward(x, dy, rotated_filters, *, grid_width, num_tokens, interpret):
                  interpret, "depthwise_conv3x3_backward")
 
 
-def _per_batch_shard(fn, *args):
-    """fn(x, ...) run on each batch shard of the ambient mesh (a pallas_call is opaque to XLA's SPMD
-    partitioner, which would otherwise gather the whole batch onto every device); directly without a mesh.
-    Outputs keep the batch axis first, so XLA sums the filter-gradient partials across shards itself."""
-    batch_axes = ambient_batch_axes(args[0].shape[0])
-    if not batch_axes:
-        return fn(*args)
-    specs = [P(batch_axes)] + [P(batch_axes) if arg.ndim == 3 else P() for arg in args[1:]]
-    return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(specs), out_specs=P(batch_axes),
-                         check_vma=False)(*args)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _conv_pallas(x, kernel, bias, grid_width, interpret):
     return _conv_pallas_forward(x, kernel, bias, grid_width, interpret)[0]
@@ -202,15 +189,16 @@ def _conv_pallas(x, kernel, bias, grid_width, interpret):
 def _conv_pallas_forward(x, kernel, bias, grid_width, interpret):
     forward = functools.partial(_forward, grid_width=grid_width, num_tokens=x.shape[1], interpret=interpret)
     x = _with_halo(x, _halo_rows(grid_width, interpret))
-    return _per_batch_shard(forward, x, kernel.reshape(len(_TAPS), -1), bias), (x, kernel, bias)
+    # A pallas_call is opaque to XLA's SPMD partitioner: without this it would gather the batch onto every device.
+    return per_batch_shard(forward, (x,), (kernel.reshape(len(_TAPS), -1), bias)), (x, kernel, bias)
 
 
 def _conv_pallas_backward(grid_width, interpret, residuals, dy):
     x, kernel, bias = residuals
     d = kernel.shape[-1]
     backward = functools.partial(_backward, grid_width=grid_width, num_tokens=dy.shape[1], interpret=interpret)
-    dx, partials = _per_batch_shard(backward, x, _with_halo(dy, _halo_rows(grid_width, interpret)),
-                                    kernel[::-1, ::-1].reshape(len(_TAPS), d))
+    dx, partials = per_batch_shard(backward, (x, _with_halo(dy, _halo_rows(grid_width, interpret))),
+                                   (kernel[::-1, ::-1].reshape(len(_TAPS), d),))
     sums = partials.sum(axis=(0, 1))
     return dx, sums[:len(_TAPS)].reshape(3, 3, d).astype(kernel.dtype), sums[len(_TAPS)].astype(bias.dtype)
 

@@ -7,6 +7,7 @@ left alone: the arrays seen there are already per-device.
 
 import jax
 from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 HEAD_AXIS_NAMES = ("model", "tensor", "heads")  # axes that split heads rather than the batch, by convention
 
@@ -34,3 +35,17 @@ def ambient_batch_axes(batch: int) -> tuple:
         return ()
     axes = divisible_prefix(mesh, [name for name in auto_axis_names(mesh) if name not in HEAD_AXIS_NAMES], batch)
     return axes if any(mesh.shape[name] > 1 for name in axes) else ()
+
+
+def per_batch_shard(fn, batched: tuple, shared: tuple = ()):
+    """fn(*batched, *shared) run on each batch shard of the ambient mesh, or directly without one.
+
+    batched: arrays with the batch axis first, split over `ambient_batch_axes`; shared: arrays every shard gets
+    whole. fn's outputs keep the batch axis first (per-shard sums come out stacked along it, for the caller to add).
+    """
+    batch_axes = ambient_batch_axes(batched[0].shape[0])
+    if not batch_axes:
+        return fn(*batched, *shared)
+    specs = (P(batch_axes),) * len(batched) + (P(),) * len(shared)
+    return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=specs, out_specs=P(batch_axes),
+                         check_vma=False)(*batched, *shared)

@@ -39,7 +39,14 @@ from dig_jax.models.layers import (
     scaled_xavier_uniform,
     zeros,
 )
-from pallas_kernels import CONV_IMPLS, GLA_IMPLS, chunk_gla, depthwise_conv3x3, sequence_parallel_chunk_gla
+from pallas_kernels import (
+    CONV_IMPLS,
+    GLA_IMPLS,
+    chunk_gla,
+    depthwise_conv3x3,
+    rms_norm_swish_gate,
+    sequence_parallel_chunk_gla,
+)
 
 GLA_INIT_GAIN = 2 ** -2.5  # fla's init for every projection inside the GLA layer
 GATE_LOW_RANK = 16
@@ -107,6 +114,8 @@ class GatedLinearAttention(nnx.Module):
             raise ValueError(f"num_heads={num_heads} must divide hidden_size/2={key_dim} and hidden_size={value_dim}")
         self.num_heads = num_heads
         self.gla_impl = gla_impl
+        # The output gate's Triton kernels go with the GLA kernels; a plain-XLA GLA gets the plain-XLA gate.
+        self.gate_impl = "xla" if gla_impl in ("xla", "reference") else "auto"
         self.sequence_axis = sequence_axis
         init = scaled_xavier_uniform(GLA_INIT_GAIN)
         proj = dict(rngs=rngs, dtype=dtype, use_bias=False, kernel_init=init)
@@ -149,7 +158,7 @@ class GatedLinearAttention(nnx.Module):
         else:
             o, _ = chunk_gla(q, k, v, log_forget, reverse=reverse, impl=self.gla_impl)
         o = checkpoint_name(o, SEQUENCE_MIXER_OUTPUT)
-        o = rms_norm_swish_gate(o, g, self.g_norm_weight[...]).astype(x.dtype)
+        o = rms_norm_swish_gate(o, g, self.g_norm_weight[...], eps=RMS_NORM_EPS, impl=self.gate_impl).astype(x.dtype)
         return self.o_proj(o.reshape(*x.shape[:2], -1))
 
 
@@ -174,41 +183,6 @@ def _log_forget_gate_backward(log_forget, d_log_forget):
 
 
 log_forget_gate.defvjp(_log_forget_gate_forward, _log_forget_gate_backward)
-
-
-@jax.custom_vjp
-def rms_norm_swish_gate(o, g, weight):
-    """fla's FusedRMSNormSwishGate: RMSNorm(o) * weight * swish(g) over the last axis, float32 inside.
-
-    o, g: [..., V] in one dtype; weight: [V] float32. Returns [..., V] in o's dtype.
-    The backward pass keeps only o, g and weight and recomputes the rest. Autodiff's residuals were seven float32
-    arrays the size of o; after XLA's fusions (compiled for a CPU) this still takes 22.7 MiB off each DiG-XL/2
-    block at 256 px and batch 8 (benchmarks/output_gate_memory.py).
-    """
-    o32 = o.astype(jnp.float32)
-    o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), -1, keepdims=True) + RMS_NORM_EPS) * weight
-    return (o32 * nnx.silu(g.astype(jnp.float32))).astype(o.dtype)
-
-
-def _gate_forward(o, g, weight):
-    return rms_norm_swish_gate(o, g, weight), (o, g, weight)
-
-
-def _gate_backward(residuals, dz):
-    o, g, weight = residuals
-    o32, g32, dz32 = (x.astype(jnp.float32) for x in (o, g, dz))
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(o32), -1, keepdims=True) + RMS_NORM_EPS)
-    normed = o32 * inv_rms
-    sigmoid = jax.nn.sigmoid(g32)
-    d_scaled = dz32 * g32 * sigmoid  # dL/d(normed * weight)
-    d_weight = jnp.sum(d_scaled * normed, axis=tuple(range(o.ndim - 1)))
-    d_normed = d_scaled * weight
-    do = inv_rms * (d_normed - normed * jnp.mean(d_normed * normed, -1, keepdims=True))
-    dg = dz32 * normed * weight * sigmoid * (1 + g32 * (1 - sigmoid))  # swish'(g) = s (1 + g (1 - s))
-    return do.astype(o.dtype), dg.astype(g.dtype), d_weight.astype(weight.dtype)
-
-
-rms_norm_swish_gate.defvjp(_gate_forward, _gate_backward)
 
 
 class SwiGLU(nnx.Module):
