@@ -14,7 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from results import report
+from results import op_benchmark
 
 from pallas_kernels.depthwise_conv import IMPLS
 
@@ -65,22 +65,13 @@ def main():
     parser.add_argument("--hbm_tbps", type=float, default=4.8, help="HBM bandwidth for the floor (H200: 4.8)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    rows = []
-    for name in args.shapes.split(","):
-        shape = SHAPES[name]
-        n, grid, d = shape
-        floor_ms = 4 * n * grid * grid * d * 2 / (args.hbm_tbps * 1e12) * 1e3
-        for impl in args.impls.split(","):
-            row = {"shape": name, "impl": impl, "floor_ms": floor_ms,
-                   "err_bf16": accuracy(impl, shape, jnp.bfloat16), "err_f32": accuracy(impl, shape, jnp.float32),
-                   "fwd_bwd_ms": time_ms(impl, shape, jnp.bfloat16), "device": jax.devices()[0].device_kind}
-            rows.append(row)
-            report(row, args.out)
-    print(f"\n{'shape':8} {'impl':8} {'fwd+bwd ms':>10} {'floor ms':>9} {'x floor':>8} {'err bf16':>9} {'err f32':>9}")
-    for r in rows:
-        print(f"{r['shape']:8} {r['impl']:8} {r['fwd_bwd_ms']:10.3f} {r['floor_ms']:9.3f} "
-              f"{r['fwd_bwd_ms'] / r['floor_ms']:8.1f} {r['err_bf16']:9.2e} {r['err_f32']:9.2e}")
 
+    def floor_ms(shape):  # x and dy read once, y and dx written once, bf16
+        n, grid, d = shape
+        return 4 * n * grid * grid * d * 2 / (args.hbm_tbps * 1e12) * 1e3
+
+    op_benchmark({name: SHAPES[name] for name in args.shapes.split(",")}, args.impls.split(","), floor_ms, accuracy,
+                 lambda impl, shape: time_ms(impl, shape, jnp.bfloat16), args.out)
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -34,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from step_timing import time_calls
 
 from pallas_kernels.gla_pallas import gla_pallas
 from pallas_kernels.gla_reference import gla_reference
@@ -94,22 +95,6 @@ def load_fla():
 # Timing.
 
 
-def time_jax(fn, *args, target_s=0.05, repeats=5):
-    """Median milliseconds per call of a jitted fn (compiled and warmed up first)."""
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    iters = max(3, min(200, int(target_s / max(time.perf_counter() - start, 1e-6))))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / iters)
-    return 1e3 * statistics.median(samples)
-
-
 def jax_fns(impl, scale):
     """(forward, forward+backward) jitted callables of an impl with chunk_gla's signature."""
 
@@ -143,7 +128,7 @@ def floors_ms(batch, seq_len, heads):
 
 def measure_copy_bandwidth():
     x = jnp.ones((1 << 29,), jnp.bfloat16)  # 1 GiB
-    ms = time_jax(jax.jit(lambda x: x + 1), x)
+    ms = time_calls(jax.jit(lambda x: x + 1), x)
     return 2 * x.nbytes / (ms * 1e-3)
 
 
@@ -262,7 +247,7 @@ def bench(out_dir, impls, fla, deadline, models, seq_lens):
             else:
                 inputs = bench_inputs(row["B"], row["T"], row["H"])
                 forward, forward_backward = jax_fns(impls[name], KEY_DIM ** -0.5)
-                times = (time_jax(forward, *inputs[:4]), time_jax(forward_backward, *inputs))
+                times = (time_calls(forward, *inputs[:4]), time_calls(forward_backward, *inputs))
                 del inputs
             row[f"{name}_fwd_ms"], row[f"{name}_fwd_bwd_ms"] = (round(t, 3) for t in times)
             log({"impl": name, **row}, out_dir)
@@ -287,9 +272,9 @@ def sweep(out_dir, deadline):
                 break
             forward, forward_backward = jax_fns(configured(config), KEY_DIM ** -0.5)
             row = {"section": "sweep", "model": model, "T": seq_len, "variant": name,
-                   "config": dataclasses.asdict(config), "fwd_ms": round(time_jax(forward, q, k, v, g), 3)}
+                   "config": dataclasses.asdict(config), "fwd_ms": round(time_calls(forward, q, k, v, g), 3)}
             if not name.startswith("fwd"):
-                row["fwd_bwd_ms"] = round(time_jax(forward_backward, q, k, v, g, do), 3)
+                row["fwd_bwd_ms"] = round(time_calls(forward_backward, q, k, v, g, do), 3)
             rows.append(row)
             log(row, out_dir)
         del q, k, v, g, do
@@ -305,7 +290,7 @@ def schedule(out_dir, deadline):
             inputs = bench_inputs(batch, seq_len, SCHEDULE_HEADS)
             row = {"section": "schedule", "programs": batch * SCHEDULE_HEADS, "T": seq_len}
             for name, config in SCHEDULES.items():
-                row[f"{name}_ms"] = round(time_jax(jax_fns(configured(config), KEY_DIM ** -0.5)[1], *inputs), 3)
+                row[f"{name}_ms"] = round(time_calls(jax_fns(configured(config), KEY_DIM ** -0.5)[1], *inputs), 3)
             rows.append(row)
             log(row, out_dir)
             del inputs

@@ -40,3 +40,20 @@ def time_step_calls(call, state, calls: int, windows: int = 3, warmup_s: float =
         jax.block_until_ready(metrics)
         pipelined.append((time.perf_counter() - started) / calls)
     return state, metrics, statistics.median(pipelined), statistics.median(synchronous)
+
+
+def time_calls(fn, *args, target_s: float = 0.05, repeats: int = 5) -> float:
+    """Median milliseconds per call of a jitted, stateless fn(*args): compiled and warmed up first, then `repeats`
+    windows of back-to-back calls waited for once (dispatch overlaps execution), each window ~target_s long."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    calls = max(3, min(200, int(target_s / max(time.perf_counter() - start, 1e-6))))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / calls)
+    return 1e3 * statistics.median(samples)

@@ -1,0 +1,65 @@
+"""rms_norm_swish_gate on the GPU: accuracy of each implementation against autodiff of the float32 formula, and the
+time of forward + backward (do, dg and the weight gradient) at DiG's shapes, with the HBM floor.
+
+    python benchmarks/output_gate.py --out gate.jsonl
+
+Shapes [N, T, H, V]: DiG-S/2 and DiG-XL/2 at 256 px (batch 32), DiG-S/2 at 1792 px and DiG-XL/2 at 2048 px (batch
+1). Times: `step_timing.time_calls` (back-to-back calls: dispatch overlaps execution, as in a training step). The
+floor moves o, g and dz in and z, do and dg out once, bf16, at --hbm_tbps. Prints a table last.
+"""
+
+import argparse
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from results import op_benchmark
+from step_timing import time_calls
+
+from pallas_kernels.output_gate import IMPLS, gate_reference
+
+SHAPES = {"S/256": (32, 256, 6, 64), "XL/256": (32, 256, 18, 64), "S/1792": (1, 12544, 6, 64),
+          "XL/2048": (1, 16384, 18, 64)}
+EPS = 1e-6
+
+
+def _inputs(seed, shape, dtype):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    o, g, dz = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys[:3])
+    return o, g, 1 + 0.1 * jax.random.normal(keys[3], shape[-1:]), dz
+
+
+def _value_and_grads(gate, o, g, weight, dz):
+    z, vjp = jax.vjp(lambda o, g, weight: gate(o, g, weight, EPS), o, g, weight)
+    return (z, *vjp(dz))
+
+
+def accuracy(impl, shape, dtype):
+    """Worst relative L2 error over (z, do, dg, dweight) against autodiff of the formula in float32."""
+    args = _inputs(sum(shape), shape, dtype)
+    ours = jax.jit(functools.partial(_value_and_grads, IMPLS[impl]))(*args)
+    exact = jax.jit(functools.partial(_value_and_grads, gate_reference))(*[a.astype(jnp.float32) for a in args])
+    return max(float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b)) for a, b in zip(ours, exact))
+
+
+def time_ms(impl, shape):
+    return time_calls(jax.jit(functools.partial(_value_and_grads, IMPLS[impl])), *_inputs(0, shape, jnp.bfloat16))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impls", default="pallas,xla")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--hbm_tbps", type=float, default=4.8, help="HBM bandwidth for the floor (H200: 4.8)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    def floor_ms(shape):  # o, g and dz in, z, do and dg out, bf16
+        return 6 * math.prod(shape) * 2 / (args.hbm_tbps * 1e12) * 1e3
+
+    op_benchmark({name: SHAPES[name] for name in args.shapes.split(",")}, args.impls.split(","), floor_ms, accuracy,
+                 time_ms, args.out)
+
+if __name__ == "__main__":
+    main()
