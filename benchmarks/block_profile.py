@@ -29,18 +29,12 @@ from dig_jax.models import dig as dig_module
 SIZES = {"S": "DiG-S/2", "B": "DiG-B/2", "L": "DiG-L/2", "XL": "DiG-XL/2"}
 
 
-def _rms_gate_identity(self, x, *, reverse=False):
-    """GatedLinearAttention.__call__ without the output RMSNorm and the swish gate (g is projected, not used)."""
-    q, k, v, _, log_forget = self.project_input(x)
-    o, _ = dig_module.chunk_gla(q, k, v, log_forget, reverse=reverse, impl=self.gla_impl)
-    return self.o_proj(o.reshape(*x.shape[:2], -1))
-
-
 ABLATIONS = {
     "whole": {},
     "gla": {"chunk_gla": lambda q, k, v, g, **_: (v, None)},
     "conv": {"depthwise_conv3x3": lambda x, kernel, bias, **_: x},
     "norms": {"layer_norm": lambda x, eps=1e-6: x},
+    "gla_gate": {"rms_norm_swish_gate": lambda o, g, weight, **_: o},  # g is projected, not used
 }
 
 
@@ -80,12 +74,6 @@ def profile_dig(model_name, batch, grid, repeats, blocks=(0, 1, 2, 3)):
             finally:
                 for name, original in saved.items():
                     setattr(dig_module, name, original)
-        original_call = dig_module.GatedLinearAttention.__call__
-        dig_module.GatedLinearAttention.__call__ = _rms_gate_identity
-        try:
-            rows.append({"block": index, "without": "gla_gate", "ms": time_block(block, h, c, repeats)})
-        finally:
-            dig_module.GatedLinearAttention.__call__ = original_call
     return rows
 
 

@@ -7,12 +7,15 @@ Implementations are picked by name from `IMPLS`:
   "auto"       "pallas" on GPU and TPU, "xla" elsewhere.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gla_pallas import gla_pallas
 from pallas_kernels.gla_reference import gla_reference
 from pallas_kernels.gla_xla import gla_xla
+from pallas_kernels.token_grid import transpose_grid
 
 # name -> fn(q, k, v, g, *, scale, initial_state, reverse) -> (o, final_state)
 IMPLS = {
@@ -56,7 +59,7 @@ def _check_inputs(q, k, v, g, initial_state):
 
 
 def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, reverse=False,
-              impl="auto"):
+              column_major=False, impl="auto"):
     """Gated linear attention, causal over the sequence axis.
 
     Per batch element and head, with state S_t of shape [K, V] (S_0 = initial_state or 0):
@@ -70,6 +73,10 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
       initial_state: optional [B, H, K, V] state entering the first scanned token (float32).
       output_final_state: also return the state after the last scanned token, [B, H, K, V] float32.
       reverse: scan from token T-1 down to token 0.
+      column_major: the T = S * S tokens, given in raster order, are a square grid that the scan visits column by
+        column (`pallas_kernels.token_grid`), then reversed if `reverse`; o stays in raster order. The same as
+        transposing the grid of q, k, v and g, scanning, and transposing o back, which the "pallas" kernels on a
+        GPU do without moving any array.
       impl: "auto", "reference", "xla" or "pallas".
 
     Returns:
@@ -79,5 +86,12 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
     _check_inputs(q, k, v, g, initial_state)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    o, final_state = IMPLS[name](q, k, v, g, scale=float(scale), initial_state=initial_state, reverse=reverse)
+    call = functools.partial(IMPLS[name], scale=float(scale), initial_state=initial_state, reverse=reverse)
+    if not column_major:
+        o, final_state = call(q, k, v, g)
+    elif name == "pallas":  # the kernels visit the grid's columns in place
+        o, final_state = call(q, k, v, g, column_major=True)
+    else:
+        o, final_state = call(*map(transpose_grid, (q, k, v, g)))
+        o = transpose_grid(o)
     return o, (final_state if output_final_state else None)

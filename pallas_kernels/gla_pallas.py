@@ -27,15 +27,23 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.gla_tpu import gla_tpu
 from pallas_kernels.gla_triton import gla_triton
 from pallas_kernels.mesh import HEAD_AXIS_NAMES, auto_axis_names, divisible_prefix
+from pallas_kernels.token_grid import transpose_grid
 
 
-def gla_pallas(q, k, v, g, *, scale, initial_state, reverse):
-    """q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, K, V] float32 or None.
+def gla_pallas(q, k, v, g, *, scale, initial_state, reverse, column_major=False):
+    """q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, K, V] float32 or None; column_major: scan
+    the T = S * S tokens (raster order) of a square grid column by column (`chunk_gla`).
 
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32).
     """
-    kernel = functools.partial(_backend_kernel(jax.default_backend()), scale=scale, reverse=reverse)
-    return shard_over_batch_and_heads(kernel, q, k, v, g, initial_state)
+    backend = jax.default_backend()
+    kernel = functools.partial(_backend_kernel(backend), scale=scale, reverse=reverse)
+    if not column_major:
+        return shard_over_batch_and_heads(kernel, q, k, v, g, initial_state)
+    if backend == "gpu":  # the Triton kernels gather the grid's columns themselves
+        return shard_over_batch_and_heads(functools.partial(kernel, column_major=True), q, k, v, g, initial_state)
+    o, final_state = shard_over_batch_and_heads(kernel, *map(transpose_grid, (q, k, v, g)), initial_state)
+    return transpose_grid(o), final_state
 
 
 def _backend_kernel(backend):

@@ -9,7 +9,10 @@ Tiles are read straight from q, k, g [B, T, H, K] and v, o [B, T, H, V]: a progr
 slice [T, K] (strided in HBM, no transposes), and it loads `CHUNK`-row tiles from it with masked loads, so T needs
 no padding (rows past T read as zero: k = v = 0 and g = 0 leave the state alone, in either scan direction).
 `reverse=True` walks the chunks from last to first and flips every in-chunk "earlier/later" (cumsums run upwards,
-the causal mask is upper triangular); nothing is copied or flipped in memory.
+the causal mask is upper triangular); nothing is copied or flipped in memory. Likewise `column_major=True` (a
+square grid of tokens scanned column by column, DiG's transposed blocks) only changes which rows a chunk's tiles
+gather: rows are strided in HBM either way (one row of a [T, K] slice is K contiguous elements), and the arrays
+stay in raster order, so the caller needs no transposes.
 
 Per chunk, with G the inclusive cumsum of g in scan order inside the chunk (float32), G_last its total and h the
 [K, V] float32 state entering the chunk:
@@ -77,6 +80,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.token_grid import grid_side
+
 CHUNK = 64
 # jax.checkpoint name of the residuals only the forward kernels make (per-chunk states, gate strengths): a remat
 # policy that saves it spares the backward pass a second run of the forward kernels. The others (q, k, v, g) are
@@ -121,6 +126,7 @@ class _Plan:
     seq_len: int
     scale: float
     reverse: bool
+    grid_side: int | None  # a square grid scanned column by column (`_chunk_rows`), or None: raster order
     has_initial_state: bool
     value_block: int
     dot_dtype: jnp.dtype
@@ -267,33 +273,49 @@ def _chunk_of_step(step, plan):
     return plan.num_chunks - 1 - step if plan.reverse else step
 
 
-def _valid_rows(chunk, plan):
-    """[CHUNK] bool mask of rows inside the sequence, or None when T is a whole number of chunks."""
-    if plan.seq_len % CHUNK == 0:
-        return None
-    return chunk * CHUNK + lax.broadcasted_iota(jnp.int32, (CHUNK,), 0) < plan.seq_len
+def _chunk_rows(chunk, plan):
+    """(index, mask): the rows of a [T, D] block that chunk `chunk` covers, and a [CHUNK] bool mask of its positions
+    inside the sequence (None when T is a whole number of chunks). In raster order the index is a slice of CHUNK
+    rows; with `plan.grid_side` (a square grid scanned column by column) it is the gathered rows of the chunk's
+    column-major positions p: row (p mod side) * side + p div side."""
+    positions = chunk * CHUNK + lax.broadcasted_iota(jnp.int32, (CHUNK,), 0)
+    mask = None if plan.seq_len % CHUNK == 0 else positions < plan.seq_len
+    if plan.grid_side is None:
+        return pl.ds(chunk * CHUNK, CHUNK), mask
+    side = plan.grid_side
+    return (positions % side) * side + positions // side, mask
 
 
-def _load(ref, chunk, valid, dtype=jnp.float32):
-    """Rows of `chunk` from a [T, D] block as `dtype`; rows past the sequence end read as zero. Tiles that only
-    feed matmuls are loaded as the matmul operand dtype: a float32 copy would only take registers."""
-    view = ref.at[pl.ds(chunk * CHUNK, CHUNK), :]
-    tile = view[...] if valid is None else plgpu.load(view, mask=valid[:, None], other=0)
+def _view(ref, index):
+    """ref's rows at `index`: a slice, or row numbers gathered with every column (an array index for both axes:
+    interpret mode cannot mix an array index with a slice)."""
+    if isinstance(index, pl.Slice):
+        return ref.at[index, :]
+    return ref.at[index[:, None], lax.broadcasted_iota(jnp.int32, (1, ref.shape[-1]), 1)]
+
+
+def _load(ref, rows, dtype=jnp.float32):
+    """The rows (`_chunk_rows`) of a [T, D] block as `dtype`; rows past the sequence end read as zero. Tiles that
+    only feed matmuls are loaded as the matmul operand dtype: a float32 copy would only take registers."""
+    index, mask = rows
+    view = _view(ref, index)
+    tile = view[...] if mask is None else plgpu.load(view, mask=mask[:, None], other=0)
     return tile.astype(dtype)
 
 
-def _store(ref, chunk, valid, tile):
-    view = ref.at[pl.ds(chunk * CHUNK, CHUNK), :]
+def _store(ref, rows, tile):
+    index, mask = rows
+    view = _view(ref, index)
     tile = tile.astype(ref.dtype)
-    if valid is None:
+    if mask is None:
         view[...] = tile
     else:
-        plgpu.store(view, tile, mask=valid[:, None])
+        plgpu.store(view, tile, mask=mask[:, None])
 
 
-def _gates(g_ref, chunk, valid, plan):
+def _gates(g_ref, rows, plan):
     """(G [CHUNK, K], G_last [K]) of a chunk."""
-    g = _load(g_ref, chunk, valid)
+    g = _load(g_ref, rows)
     return _masked_row_sums(_causal_mask(plan.reverse), g, exact_in_bf16=plan.bf16_gates), jnp.sum(g, axis=0)
 
 
@@ -312,13 +334,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, *refs, plan):
     def step_fn(step, carry):
         state, strength = carry
         chunk = _chunk_of_step(step, plan)
-        valid = _valid_rows(chunk, plan)
+        rows = _chunk_rows(chunk, plan)
         if states_ref is not None:
             states_ref[step] = state.astype(states_ref.dtype)
-        q, k = _load(q_ref, chunk, valid), _load(k_ref, chunk, valid)
-        v = _load(v_ref, chunk, valid, plan.dot_dtype)
-        gates, total = _gates(g_ref, chunk, valid, plan)
-        _store(o_ref, chunk, valid, _chunk_output(q, k, v, gates, state, causal, plan))
+        q, k = _load(q_ref, rows), _load(k_ref, rows)
+        v = _load(v_ref, rows, plan.dot_dtype)
+        gates, total = _gates(g_ref, rows, plan)
+        _store(o_ref, rows, _chunk_output(q, k, v, gates, state, causal, plan))
         if strength_ref is not None:  # elementwise here, reduced once after the loop
             strength = jnp.maximum(strength, jnp.abs(gates))
         return _next_state(state, k, v, gates, total, plan.dot_dtype), strength
@@ -336,10 +358,10 @@ def _state_grad_kernel(q_ref, g_ref, do_ref, d_final_ref, d_states_ref, *d_initi
     def step_fn(reverse_step, d_state):
         step = plan.num_chunks - 1 - reverse_step
         chunk = _chunk_of_step(step, plan)
-        valid = _valid_rows(chunk, plan)
+        rows = _chunk_rows(chunk, plan)
         d_states_ref[step] = d_state.astype(d_states_ref.dtype)
-        q, do = _load(q_ref, chunk, valid), _load(do_ref, chunk, valid, plan.dot_dtype)
-        gates, total = _gates(g_ref, chunk, valid, plan)
+        q, do = _load(q_ref, rows), _load(do_ref, rows, plan.dot_dtype)
+        gates, total = _gates(g_ref, rows, plan)
         from_outputs = plan.scale * _dot(q * _exp(gates), do, plan.dot_dtype, transpose_a=True)
         return _exp(total)[:, None] * d_state + from_outputs
 
@@ -352,11 +374,11 @@ def _chunk_grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, d_states_
                        dq_ref, dk_ref, dv_ref, dg_ref, *, plan, chunk=None):
     chunk = pl.program_id(2) if chunk is None else chunk  # given by the fix-up kernel, which loops over chunks
     step = _chunk_of_step(chunk, plan)  # the map is its own inverse
-    valid = _valid_rows(chunk, plan)
+    rows = _chunk_rows(chunk, plan)
     # Ordered so that tiles die early (fewer live registers): dv first, then dk, dq, dg.
-    gates, total = _gates(g_ref, chunk, valid, plan)
-    q, k = _load(q_ref, chunk, valid), _load(k_ref, chunk, valid)
-    v, do = _load(v_ref, chunk, valid, plan.dot_dtype), _load(do_ref, chunk, valid, plan.dot_dtype)
+    gates, total = _gates(g_ref, rows, plan)
+    q, k = _load(q_ref, rows), _load(k_ref, rows)
+    v, do = _load(v_ref, rows, plan.dot_dtype), _load(do_ref, rows, plan.dot_dtype)
     d_next_state = d_states_ref[step].astype(jnp.float32)
     dot = functools.partial(_dot, dot_dtype=plan.dot_dtype)
 
@@ -369,15 +391,15 @@ def _chunk_grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, d_states_
     scores, dq_intra, dk_intra = _intra_chunk(q, k, gates, d_scores, _causal_mask(plan.reverse), plan.dot_dtype,
                                               plan.guarded)
     k_to_end = _exp(total[None, :] - gates)
-    _store(dv_ref, chunk, valid, plan.scale * dot(scores, do, transpose_a=True) + dot(k * k_to_end, d_next_state))
+    _store(dv_ref, rows, plan.scale * dot(scores, do, transpose_a=True) + dot(k * k_to_end, d_next_state))
     dk_to_next_state = k_to_end * dot(v, d_next_state, transpose_b=True)
     dk = dk_intra + dk_to_next_state + d_diagonal * q
-    _store(dk_ref, chunk, valid, dk)
+    _store(dk_ref, rows, dk)
     state = states_ref[step].astype(jnp.float32)
     dq_open = plan.scale * _exp(gates) * dot(do, state, transpose_b=True) + dq_intra
-    _store(dq_ref, chunk, valid, dq_open + d_diagonal * k)
+    _store(dq_ref, rows, dq_open + d_diagonal * k)
     state_to_next = _exp(total) * jnp.sum(state * d_next_state, axis=1)
-    _store(dg_ref, chunk, valid,
+    _store(dg_ref, rows,
            _gate_grad(q * dq_open - k * dk_intra, k * dk_to_next_state, state_to_next, plan))
 
 
@@ -387,11 +409,11 @@ def _chunk_summary_kernel(x_ref, y_ref, g_ref, contributions_ref, totals_ref, *s
     scale (x e^G)^T y (the state gradient's q and dL/do, from the state entering it). Optionally its max |G|."""
     chunk = pl.program_id(2)
     step = _chunk_of_step(chunk, plan)
-    valid = _valid_rows(chunk, plan)
-    gates, total = _gates(g_ref, chunk, valid, plan)
-    x = _load(x_ref, chunk, valid)
+    rows = _chunk_rows(chunk, plan)
+    gates, total = _gates(g_ref, rows, plan)
+    x = _load(x_ref, rows)
     x = x * _exp(total[None, :] - gates) if to_end else plan.scale * x * _exp(gates)
-    y = _load(y_ref, chunk, valid, plan.dot_dtype)
+    y = _load(y_ref, rows, plan.dot_dtype)
     contributions_ref[step] = _dot(x, y, plan.dot_dtype, transpose_a=True)
     totals_ref[step] = total
     if strength_ref:
@@ -413,12 +435,12 @@ def _scan_kernel(totals_ref, contributions_ref, initial_ref, carries_ref, final_
 def _output_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, plan, chunk=None):
     """Chunk-parallel schedule: o of one chunk from the state entering it."""
     chunk = pl.program_id(2) if chunk is None else chunk  # given by the fix-up kernel, which loops over chunks
-    valid = _valid_rows(chunk, plan)
-    q, k = _load(q_ref, chunk, valid), _load(k_ref, chunk, valid)
-    v = _load(v_ref, chunk, valid, plan.dot_dtype)
-    gates, _ = _gates(g_ref, chunk, valid, plan)
+    rows = _chunk_rows(chunk, plan)
+    q, k = _load(q_ref, rows), _load(k_ref, rows)
+    v = _load(v_ref, rows, plan.dot_dtype)
+    gates, _ = _gates(g_ref, rows, plan)
     state = states_ref[_chunk_of_step(chunk, plan)]
-    _store(o_ref, chunk, valid, _chunk_output(q, k, v, gates, state, _causal_mask(plan.reverse), plan))
+    _store(o_ref, rows, _chunk_output(q, k, v, gates, state, _causal_mask(plan.reverse), plan))
 
 
 def _only_if_strong(kernel, num_outputs, repeats=1, index_name=None):
@@ -762,7 +784,7 @@ def _with_dot_dims(q, k, v, g, initial_state, kernel):
     return o[..., :value_dim], final_state[:, :, :key_dim, :value_dim]
 
 
-def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, config=None):
+def gla_triton(q, k, v, g, *, scale, initial_state, reverse, column_major=False, interpret=False, config=None):
     """Chunked GLA, forward and backward as Pallas Triton kernels.
 
     Args:
@@ -771,6 +793,8 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
       scale: multiplies q.
       initial_state: [B, H, K, V] float32 or None (zeros).
       reverse: scan from token T-1 down to token 0.
+      column_major: the T = S * S tokens (raster order) are a square grid scanned column by column (`token_grid`):
+        the kernels read and write its rows in that order, so the arrays stay in raster order, o included.
       interpret: run the kernels in Pallas interpret mode (any backend, slow).
       config: `TritonConfig` launch parameters; None uses DEFAULT_CONFIG.
 
@@ -781,7 +805,7 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
     key_dim, value_dim = q.shape[-1], v.shape[-1]
     if not (_is_dot_dim(key_dim) and _is_dot_dim(value_dim)):
         return _with_dot_dims(q, k, v, g, initial_state, functools.partial(
-            gla_triton, scale=scale, reverse=reverse, interpret=interpret, config=config))
+            gla_triton, scale=scale, reverse=reverse, column_major=column_major, interpret=interpret, config=config))
     batch, seq_len, heads, _ = q.shape
     config = config or DEFAULT_CONFIG
     value_block = config.value_block or value_dim
@@ -797,6 +821,7 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, interpret=False, co
     sixteen_bit = q.dtype in (jnp.bfloat16, jnp.float16)
     plan = _Plan(
         seq_len=seq_len, scale=float(scale), reverse=bool(reverse), has_initial_state=initial_state is not None,
+        grid_side=grid_side(seq_len) if column_major else None,
         value_block=value_block,
         # bf16 keeps float32's exponent range, which the factorised scores need; f16 would overflow at e^11.
         dot_dtype=jnp.dtype(jnp.bfloat16) if q.dtype == jnp.bfloat16 else jnp.dtype(jnp.float32),

@@ -156,3 +156,21 @@ def test_invalid_inputs_raise_naming_the_argument(argument, replacement, why):
 def test_unknown_impl_raises():
     with pytest.raises(ValueError, match="^impl must"):
         chunk_gla(**_valid_inputs(), impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_column_major_scan_is_the_scan_of_the_transposed_grid(impl):
+    q, k, v, g, initial_state = make_inputs(7, 2, 36, 2, 8, 16, gate_strength=WEAK_GATES, with_initial_state=True)
+    o, final_state = chunk_gla(q, k, v, g, initial_state=initial_state, output_final_state=True, reverse=True,
+                               column_major=True, impl=impl)
+    transposed = [x.reshape(2, 6, 6, 2, -1).swapaxes(1, 2).reshape(x.shape) for x in (q, k, v, g)]  # 6 x 6 grid
+    o_expected, final_expected = chunk_gla(*transposed, initial_state=initial_state, output_final_state=True,
+                                           reverse=True, impl=impl)
+    np.testing.assert_allclose(o.reshape(2, 6, 6, 2, -1).swapaxes(1, 2).reshape(o.shape), o_expected, rtol=1e-6)
+    np.testing.assert_allclose(final_state, final_expected, rtol=1e-6)
+
+
+def test_column_major_scan_needs_a_square_grid():
+    q, k, v, g, _ = make_inputs(6, 1, 6, 2, 8, 16, gate_strength=WEAK_GATES)
+    with pytest.raises(ValueError, match="square grid, got T=6"):
+        chunk_gla(q, k, v, g, column_major=True, impl="xla")

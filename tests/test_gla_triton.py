@@ -23,6 +23,7 @@ from pallas_kernels.gla_pallas import gla_pallas, shard_over_batch_and_heads
 from pallas_kernels.gla_reference import gla_reference
 from pallas_kernels.gla_triton import CHUNK, FACTORISED_GATE_LIMIT, TritonConfig, gla_triton
 from pallas_kernels.testing import STRONG_GATES, WEAK_GATES, make_inputs, rms_rel_err
+from pallas_kernels.token_grid import transpose_grid
 
 OUTPUT_TOLERANCE = {jnp.float32: 4e-3, jnp.bfloat16: 1e-2}
 GRAD_TOLERANCE = {jnp.float32: 5e-3, jnp.bfloat16: 1e-2}
@@ -113,6 +114,22 @@ def test_kernels_match_reference(batch, seq_len, heads, key_dim, value_dim, reve
     assert_matches_reference(actual, inputs, cotangent, reverse, dtype)
 
 
+@pytest.mark.parametrize("chunk_parallel", [False, True], ids=["sequential", "chunk_parallel"])
+@pytest.mark.parametrize("seq_len, reverse, dtype", [(100, False, jnp.float32), (144, True, jnp.bfloat16)])
+def test_column_major_scan_matches_reference_on_the_transposed_grid(seq_len, reverse, dtype, chunk_parallel):
+    """column_major=True on raster-ordered arrays equals the scan of the transposed grid (10 x 10: a partial last
+    chunk; 12 x 12), o and the input gradients transposed back."""
+    dims = (1, seq_len, 2, 16, 32)
+    inputs = gate_inputs(7, *dims, gates="mixed", dtype=dtype, with_initial_state=True)
+    cotangent = cotangents(8, *dims, dtype)
+    impl = functools.partial(interpreted, column_major=True, config=TritonConfig(chunk_parallel=chunk_parallel))
+    o, final_state, dq, dk, dv, dg, dinitial_state = outputs_and_grads(*inputs, *cotangent, impl=impl,
+                                                                       reverse=reverse)
+    as_scanned = (transpose_grid(o), final_state, *map(transpose_grid, (dq, dk, dv, dg)), dinitial_state)
+    assert_matches_reference(as_scanned, (*map(transpose_grid, inputs[:4]), inputs[4]),
+                             (transpose_grid(cotangent[0]), cotangent[1]), reverse, dtype)
+
+
 def test_value_blocks_and_fix_up_match_reference():
     """V split over two programs per (batch, head): each reports its own gate strength, and the fix-up kernels
     read both."""
@@ -149,17 +166,20 @@ SCHEDULE_KERNELS = {
 }
 
 
+@pytest.mark.parametrize("column_major", [False, True], ids=["raster", "column_major"])
 @pytest.mark.parametrize("chunk_parallel", [False, True], ids=["sequential", "chunk_parallel"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_forward_and_vjp_lower_for_cuda(dtype, chunk_parallel):
-    """Runs the real Triton lowering (no GPU needed) of every forward and backward kernel of a schedule."""
+def test_forward_and_vjp_lower_for_cuda(dtype, chunk_parallel, column_major):
+    """Runs the real Triton lowering (no GPU needed) of every forward and backward kernel of a schedule, with the
+    rows read in raster order (slices) and column-major over a 10 x 10 grid (gathers)."""
     batch, seq_len, heads, key_dim, value_dim = 2, 100, 3, 32, 64
     inputs = _shape_structs(batch, seq_len, heads, key_dim, value_dim, dtype)
     cotangent = (jax.ShapeDtypeStruct((batch, seq_len, heads, value_dim), dtype), inputs[-1])
     config = TritonConfig(chunk_parallel=chunk_parallel)
 
     def forward(q, k, v, g, initial_state):
-        return gla_triton(q, k, v, g, scale=0.2, initial_state=initial_state, reverse=True, config=config)
+        return gla_triton(q, k, v, g, scale=0.2, initial_state=initial_state, reverse=True,
+                          column_major=column_major, config=config)
 
     def vjp(q, k, v, g, initial_state, o_cotangent, state_cotangent):
         return jax.vjp(forward, q, k, v, g, initial_state)[1]((o_cotangent, state_cotangent))

@@ -4,8 +4,9 @@ Scan order (SREM). The official model flips the token sequence after every block
 grid after every odd block, so block j scans in raster order (j % 4 == 0), reversed raster (1), column-major (2)
 or reversed column-major (3). Here the activations always stay in raster order and each block applies its order
 where it matters, which is mathematically the same model:
-  - the GLA scans `transpose(u)` when the order is column-major, with `reverse=True` when the order is reversed
-    (no flipped copies: the kernel reads the sequence backwards);
+  - the GLA scans the grid column by column when the order is column-major (`chunk_gla(column_major=True)`: the
+    GPU kernels gather the rows in that order, other paths transpose around the scan), with `reverse=True` when
+    the order is reversed (no flipped copies: the kernel reads the sequence backwards);
   - the depthwise 3x3 conv, which the official code applies to the grid in the block's current order, becomes a
     conv on the raster grid with the kernel transposed and/or rotated by 180 degrees (exact, zero padding is
     symmetric);
@@ -149,14 +150,18 @@ class GatedLinearAttention(nnx.Module):
         log_forget = log_forget_gate(self.gk_proj_up(gate_code).astype(jnp.float32))
         return self._heads(q), self._heads(k), self._heads(v), self._heads(g), self._heads(log_forget)
 
-    def __call__(self, x, *, reverse: bool = False):
-        """x [N, T, D] -> [N, T, D], causal over T (anti-causal when reverse)."""
+    def __call__(self, x, *, reverse: bool = False, column_major: bool = False):
+        """x [N, T, D] -> [N, T, D], causal over T (anti-causal when reverse); column_major: over the square grid
+        of the T raster-ordered tokens column by column (`chunk_gla`), not with a sequence split over devices."""
         q, k, v, g, log_forget = self.project_input(x)
         if sequence_parallel.is_split(self.sequence_axis):  # x: this device's piece of the sequence
+            if column_major:
+                raise ValueError("column_major needs each image's whole sequence on one device; with the tokens "
+                                 "split over the sequence axis, permute them (permute_tokens) and scan in raster order")
             o, _ = sequence_parallel_chunk_gla(q, k, v, log_forget, axis_name=self.sequence_axis, reverse=reverse,
                                                impl=self.gla_impl)
         else:
-            o, _ = chunk_gla(q, k, v, log_forget, reverse=reverse, impl=self.gla_impl)
+            o, _ = chunk_gla(q, k, v, log_forget, reverse=reverse, column_major=column_major, impl=self.gla_impl)
         o = checkpoint_name(o, SEQUENCE_MIXER_OUTPUT)
         o = rms_norm_swish_gate(o, g, self.g_norm_weight[...], eps=RMS_NORM_EPS, impl=self.gate_impl).astype(x.dtype)
         return self.o_proj(o.reshape(*x.shape[:2], -1))
@@ -239,6 +244,9 @@ class DiGBlock(nnx.Module):
 
     def _scan(self, u):
         # GLA over the block's order, returned in raster order (see the module docstring).
+        if not sequence_parallel.is_split(self.sequence_axis):
+            return self.attn(u, reverse=self.order.reversed, column_major=self.order.transposed)
+        # Split by grid rows over devices, a column-major scan needs the tokens moved across them first.
         transposed = ScanOrder(transposed=self.order.transposed, reversed=False)
         permute = functools.partial(permute_tokens, order=transposed, sequence_axis=self.sequence_axis)
         return permute(self.attn(permute(u), reverse=self.order.reversed))
