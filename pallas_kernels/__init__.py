@@ -9,6 +9,7 @@ from pallas_kernels.gla import chunk_gla
 from pallas_kernels.gla_sequence_parallel import sequence_parallel_chunk_gla
 from pallas_kernels.gla_triton import CHECKPOINT_NAME as GLA_CHECKPOINT_NAME
 from pallas_kernels.output_gate import rms_norm_swish_gate
+from pallas_kernels.token_grid import transpose_grid
 
 __all__ = ["CONV_IMPLS", "GLA_CHECKPOINT_NAME", "GLA_IMPLS", "chunk_gla", "depthwise_conv3x3", "rms_norm_swish_gate",
-           "sequence_parallel_chunk_gla"]
+           "sequence_parallel_chunk_gla", "transpose_grid"]

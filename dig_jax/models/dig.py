@@ -47,6 +47,7 @@ from pallas_kernels import (
     depthwise_conv3x3,
     rms_norm_swish_gate,
     sequence_parallel_chunk_gla,
+    transpose_grid,
 )
 
 GLA_INIT_GAIN = 2 ** -2.5  # fla's init for every projection inside the GLA layer
@@ -77,10 +78,8 @@ def permute_tokens(x, order: ScanOrder, sequence_axis: str | None = None):
     """
     if sequence_parallel.is_split(sequence_axis):
         return sequence_parallel.permute_tokens(x, order, sequence_axis)
-    n, tokens, d = x.shape
     if order.transposed:
-        grid = math.isqrt(tokens)
-        x = x.reshape(n, grid, grid, d).transpose(0, 2, 1, 3).reshape(n, tokens, d)
+        x = transpose_grid(x)
     if order.reversed:
         x = x[:, ::-1]
     return x
