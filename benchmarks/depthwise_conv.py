@@ -7,14 +7,13 @@ Shapes (N, grid, D): DiG-S/2 and DiG-XL/2 at 256 px (batch 32, 16x16 tokens), Di
 2048 px (batch 1). The floor counts x and dy read once and y and dx written once at --hbm_tbps. Prints a table last.
 """
 
-import argparse
 import functools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from results import op_benchmark
+from results import op_benchmark, worst_relative_error
 
 from pallas_kernels.depthwise_conv import IMPLS
 
@@ -39,8 +38,7 @@ def accuracy(impl, shape, dtype):
     args = _inputs(jax.random.key(n * grid + d), n, grid, d, dtype)
     ours = jax.jit(functools.partial(_value_and_grads, impl, grid))(*args)
     upcast = [a.astype(jnp.float32) for a in args]
-    exact = jax.jit(functools.partial(_value_and_grads, "conv", grid))(*upcast)
-    return max(float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b)) for a, b in zip(ours, exact))
+    return worst_relative_error(ours, jax.jit(functools.partial(_value_and_grads, "conv", grid))(*upcast))
 
 
 def time_ms(impl, shape, dtype, repeats=50):
@@ -59,19 +57,10 @@ def time_ms(impl, shape, dtype, repeats=50):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impls", default="pallas,conv,shifted")
-    parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--hbm_tbps", type=float, default=4.8, help="HBM bandwidth for the floor (H200: 4.8)")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    op_benchmark(__doc__, SHAPES, "pallas,conv,shifted",
+                 lambda shape: 4 * shape[0] * shape[1] ** 2 * shape[2],  # x and dy in, y and dx out
+                 accuracy, lambda impl, shape: time_ms(impl, shape, jnp.bfloat16))
 
-    def floor_ms(shape):  # x and dy read once, y and dx written once, bf16
-        n, grid, d = shape
-        return 4 * n * grid * grid * d * 2 / (args.hbm_tbps * 1e12) * 1e3
-
-    op_benchmark({name: SHAPES[name] for name in args.shapes.split(",")}, args.impls.split(","), floor_ms, accuracy,
-                 lambda impl, shape: time_ms(impl, shape, jnp.bfloat16), args.out)
 
 if __name__ == "__main__":
     main()

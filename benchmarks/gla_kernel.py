@@ -254,14 +254,6 @@ def bench(out_dir, impls, fla, deadline, models, seq_lens):
     return rows
 
 
-def configured(config):
-    """gla_triton with these launch parameters, as an impl for jax_fns."""
-    def impl(q, k, v, g, *, scale, initial_state, reverse):
-        return gla_triton(q, k, v, g, scale=scale, initial_state=initial_state, reverse=reverse, config=config)
-
-    return impl
-
-
 def sweep(out_dir, deadline):
     rows = []
     for model, heads, tokens, seq_len in SWEEP_SHAPES:
@@ -270,7 +262,7 @@ def sweep(out_dir, deadline):
         for name, config in SWEEP_CONFIGS.items():
             if time.time() > deadline:
                 break
-            forward, forward_backward = jax_fns(configured(config), KEY_DIM ** -0.5)
+            forward, forward_backward = jax_fns(functools.partial(gla_triton, config=config), KEY_DIM ** -0.5)
             row = {"section": "sweep", "model": model, "T": seq_len, "variant": name,
                    "config": dataclasses.asdict(config), "fwd_ms": round(time_calls(forward, q, k, v, g), 3)}
             if not name.startswith("fwd"):
@@ -290,7 +282,8 @@ def schedule(out_dir, deadline):
             inputs = bench_inputs(batch, seq_len, SCHEDULE_HEADS)
             row = {"section": "schedule", "programs": batch * SCHEDULE_HEADS, "T": seq_len}
             for name, config in SCHEDULES.items():
-                row[f"{name}_ms"] = round(time_calls(jax_fns(configured(config), KEY_DIM ** -0.5)[1], *inputs), 3)
+                _, forward_backward = jax_fns(functools.partial(gla_triton, config=config), KEY_DIM ** -0.5)
+                row[f"{name}_ms"] = round(time_calls(forward_backward, *inputs), 3)
             rows.append(row)
             log(row, out_dir)
             del inputs
@@ -359,7 +352,7 @@ def main():
         raise SystemExit("this benchmark needs a GPU (impl='pallas' on GPU is the Triton path)")
     impls = {"pallas": gla_pallas}
     if "pallas-chunk-parallel" in wanted:
-        impls["pallas-chunk-parallel"] = functools.partial(gla_triton, config=TritonConfig(chunk_parallel=True))
+        impls["pallas-chunk-parallel"] = functools.partial(gla_triton, config=SCHEDULES["chunk-parallel"])
     if "xla" in wanted and (xla := load_xla()) is not None:
         impls["xla"] = xla
     fla = load_fla() if "fla" in wanted else None

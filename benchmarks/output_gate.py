@@ -8,13 +8,12 @@ Shapes [N, T, H, V]: DiG-S/2 and DiG-XL/2 at 256 px (batch 32), DiG-S/2 at 1792 
 floor moves o, g and dz in and z, do and dg out once, bf16, at --hbm_tbps. Prints a table last.
 """
 
-import argparse
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
-from results import op_benchmark
+from results import op_benchmark, worst_relative_error
 from step_timing import time_calls
 
 from pallas_kernels.output_gate import IMPLS, gate_reference
@@ -40,7 +39,7 @@ def accuracy(impl, shape, dtype):
     args = _inputs(sum(shape), shape, dtype)
     ours = jax.jit(functools.partial(_value_and_grads, IMPLS[impl]))(*args)
     exact = jax.jit(functools.partial(_value_and_grads, gate_reference))(*[a.astype(jnp.float32) for a in args])
-    return max(float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b)) for a, b in zip(ours, exact))
+    return worst_relative_error(ours, exact)
 
 
 def time_ms(impl, shape):
@@ -48,18 +47,9 @@ def time_ms(impl, shape):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impls", default="pallas,xla")
-    parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--hbm_tbps", type=float, default=4.8, help="HBM bandwidth for the floor (H200: 4.8)")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    op_benchmark(__doc__, SHAPES, "pallas,xla", lambda shape: 6 * math.prod(shape),  # o, g, dz in; z, do, dg out
+                 accuracy, time_ms)
 
-    def floor_ms(shape):  # o, g and dz in, z, do and dg out, bf16
-        return 6 * math.prod(shape) * 2 / (args.hbm_tbps * 1e12) * 1e3
-
-    op_benchmark({name: SHAPES[name] for name in args.shapes.split(",")}, args.impls.split(","), floor_ms, accuracy,
-                 time_ms, args.out)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from pallas_kernels.gla_pallas import gla_pallas
 from pallas_kernels.gla_reference import gla_reference
 from pallas_kernels.gla_xla import gla_xla
-from pallas_kernels.token_grid import transpose_grid
+from pallas_kernels.token_grid import scan_columns_by_transposing
 
 # name -> fn(q, k, v, g, *, scale, initial_state, reverse) -> (o, final_state)
 IMPLS = {
@@ -92,6 +92,5 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
     elif name == "pallas":  # the kernels visit the grid's columns in place
         o, final_state = call(q, k, v, g, column_major=True)
     else:
-        o, final_state = call(*map(transpose_grid, (q, k, v, g)))
-        o = transpose_grid(o)
+        o, final_state = scan_columns_by_transposing(call, q, k, v, g)
     return o, (final_state if output_final_state else None)

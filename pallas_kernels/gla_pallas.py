@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.gla_tpu import gla_tpu
 from pallas_kernels.gla_triton import gla_triton
 from pallas_kernels.mesh import HEAD_AXIS_NAMES, auto_axis_names, divisible_prefix
-from pallas_kernels.token_grid import transpose_grid
+from pallas_kernels.token_grid import scan_columns_by_transposing
 
 
 def gla_pallas(q, k, v, g, *, scale, initial_state, reverse, column_major=False):
@@ -42,8 +42,8 @@ def gla_pallas(q, k, v, g, *, scale, initial_state, reverse, column_major=False)
         return shard_over_batch_and_heads(kernel, q, k, v, g, initial_state)
     if backend == "gpu":  # the Triton kernels gather the grid's columns themselves
         return shard_over_batch_and_heads(functools.partial(kernel, column_major=True), q, k, v, g, initial_state)
-    o, final_state = shard_over_batch_and_heads(kernel, *map(transpose_grid, (q, k, v, g)), initial_state)
-    return transpose_grid(o), final_state
+    return scan_columns_by_transposing(functools.partial(shard_over_batch_and_heads, kernel), q, k, v, g,
+                                       initial_state)
 
 
 def _backend_kernel(backend):

@@ -19,6 +19,7 @@ zero-padded to a multiple when needed: a zero row gives z = 0 and, with dz = 0, 
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.mesh import per_batch_shard
 
-_MIN_DOT_DIM = 16
+_MIN_VALUE_DIM = 16  # rows of V elements: Triton tiles are powers of two, kept to at least 16 lanes
 
 
 def _check_inputs(o, g, weight):
@@ -134,7 +135,7 @@ def _pallas_forward_rows(o, g, weight, *, eps, interpret):
     (z,) = _rows_call(_forward_kernel, [o_rows, g_rows], [weight.astype(jnp.float32)],
                       [jax.ShapeDtypeStruct(o_rows.shape, o.dtype)], eps=eps, interpret=interpret,
                       name="rms_norm_swish_gate")
-    return z[:o[..., 0].size].reshape(o.shape)
+    return z[:math.prod(o.shape[:-1])].reshape(o.shape)
 
 
 def _pallas_backward_rows(o, g, dz, weight, *, eps, interpret):
@@ -145,7 +146,7 @@ def _pallas_backward_rows(o, g, dz, weight, *, eps, interpret):
         [jax.ShapeDtypeStruct(o_rows.shape, o.dtype), jax.ShapeDtypeStruct(g_rows.shape, g.dtype),
          jax.ShapeDtypeStruct((programs, o.shape[-1]), jnp.float32)],
         eps=eps, interpret=interpret, name="rms_norm_swish_gate_backward")
-    rows = o[..., 0].size
+    rows = math.prod(o.shape[:-1])
     # One [1, V] sum per batch shard: per_batch_shard stacks them along the batch axis.
     return do[:rows].reshape(o.shape), dg[:rows].reshape(g.shape), d_weight.sum(0, keepdims=True)
 
@@ -171,13 +172,13 @@ _gate_pallas.defvjp(_pallas_forward, _pallas_backward)
 
 
 def _kernel_fits(value_dim):
-    return value_dim >= _MIN_DOT_DIM and value_dim & (value_dim - 1) == 0
+    return value_dim >= _MIN_VALUE_DIM and value_dim & (value_dim - 1) == 0
 
 
 def gate_pallas(o, g, weight, eps, *, interpret=False):
     """The Triton kernels (interpret=True runs them on any backend)."""
     if not _kernel_fits(o.shape[-1]):
-        raise ValueError(f"impl='pallas' needs V to be a power of two >= {_MIN_DOT_DIM}, got V={o.shape[-1]}; "
+        raise ValueError(f"impl='pallas' needs V to be a power of two >= {_MIN_VALUE_DIM}, got V={o.shape[-1]}; "
                          "use impl='xla'")
     if o.ndim < 2:
         raise ValueError(f"impl='pallas' needs o as [N, ..., V] (batch first), got shape {o.shape}")

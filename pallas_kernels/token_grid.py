@@ -20,3 +20,10 @@ def transpose_grid(x):
     side = grid_side(x.shape[1])
     grid = x.reshape(x.shape[0], side, side, *x.shape[2:])
     return grid.swapaxes(1, 2).reshape(x.shape)
+
+
+def scan_columns_by_transposing(scan, q, k, v, g, *rest):
+    """A column-major GLA scan for an implementation that scans in sequence order only: scan(q, k, v, g, *rest) ->
+    (o, final_state) on the transposed grids, o transposed back to raster order (the state needs no reordering)."""
+    o, final_state = scan(*map(transpose_grid, (q, k, v, g)), *rest)
+    return transpose_grid(o), final_state
