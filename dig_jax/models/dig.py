@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from dig_jax.models import sequence_parallel
@@ -189,6 +190,38 @@ def _log_forget_gate_backward(log_forget, d_log_forget):
 log_forget_gate.defvjp(_log_forget_gate_forward, _log_forget_gate_backward)
 
 
+@jax.custom_vjp
+def swiglu(gate_and_value):
+    """[..., 2I] (gate, then value) -> swish(gate) * value [..., I].
+
+    The backward pass writes the [..., 2I] gradient in one elementwise pass, float32 inside: as the transpose of a
+    split, autodiff's gradient is a concatenate of the two halves' gradients, which XLA:GPU ran as two more passes
+    over the gradients (and twice, once for each matmul that reads it) in the DiG-S/2 step (H200, 2026-12-03).
+    """
+    gate, value = jnp.split(gate_and_value, 2, axis=-1)
+    return nnx.silu(gate) * value
+
+
+def _swiglu_forward(gate_and_value):
+    return swiglu(gate_and_value), gate_and_value
+
+
+def _swiglu_backward(gate_and_value, d_out):
+    # [..., 2, I] with broadcasting halves: the gradient of each half is picked by position, not concatenated.
+    halves = gate_and_value.reshape(*gate_and_value.shape[:-1], 2, -1).astype(jnp.float32)
+    gate, value = halves[..., :1, :], halves[..., 1:, :]
+    d_out = d_out[..., None, :].astype(jnp.float32)
+    sigmoid = jax.nn.sigmoid(gate)
+    d_gate = d_out * value * sigmoid * (1 + gate * (1 - sigmoid))
+    d_value = d_out * gate * sigmoid
+    is_gate = lax.broadcasted_iota(jnp.int32, (2, 1), 0) == 0
+    d_halves = jnp.where(is_gate, d_gate, d_value)
+    return (d_halves.reshape(gate_and_value.shape).astype(gate_and_value.dtype),)
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
+
+
 class SwiGLU(nnx.Module):
     """down_proj(swish(gate) * value) with gate and value from one fused Linear(D, 2I)."""
 
@@ -198,8 +231,7 @@ class SwiGLU(nnx.Module):
         self.down_proj = linear(inner, hidden_size, rngs=rngs, dtype=dtype, use_bias=False)
 
     def __call__(self, x):
-        gate, value = jnp.split(self.gate_proj(x), 2, axis=-1)
-        return self.down_proj(nnx.silu(gate) * value)
+        return self.down_proj(swiglu(self.gate_proj(x)))
 
 
 class DepthwiseConv3x3(nnx.Module):
