@@ -20,7 +20,7 @@ from pallas_kernels.depthwise_conv import IMPLS
 SHAPES = {"S/256": (32, 16, 384), "XL/256": (32, 16, 1152), "S/1792": (1, 112, 384), "XL/2048": (1, 128, 1152)}
 
 
-def _inputs(key, n, grid, d, dtype):
+def inputs(key, n, grid, d, dtype):
     keys = jax.random.split(key, 4)
     x = jax.random.normal(keys[0], (n, grid * grid, d), jnp.float32).astype(dtype)
     kernel, bias = jax.random.normal(keys[1], (3, 3, d)), jax.random.normal(keys[2], (d,))
@@ -35,7 +35,7 @@ def _value_and_grads(impl, grid, x, kernel, bias, dy):
 def accuracy(impl, shape, dtype):
     """Worst relative L2 error over (y, dx, dkernel, dbias) against the float32 convolution on the same inputs."""
     n, grid, d = shape
-    args = _inputs(jax.random.key(n * grid + d), n, grid, d, dtype)
+    args = inputs(jax.random.key(n * grid + d), n, grid, d, dtype)
     ours = jax.jit(functools.partial(_value_and_grads, impl, grid))(*args)
     upcast = [a.astype(jnp.float32) for a in args]
     return worst_relative_error(ours, jax.jit(functools.partial(_value_and_grads, "conv", grid))(*upcast))
@@ -43,7 +43,7 @@ def accuracy(impl, shape, dtype):
 
 def time_ms(impl, shape, dtype, repeats=50):
     n, grid, d = shape
-    sets = [_inputs(jax.random.key(i), n, grid, d, dtype) for i in range(4)]  # rotate: no cache-resident reuse
+    sets = [inputs(jax.random.key(i), n, grid, d, dtype) for i in range(4)]  # rotate: no cache-resident reuse
     step = jax.jit(functools.partial(_value_and_grads, impl, grid))
     jax.block_until_ready(step(*sets[0]))
     times = []

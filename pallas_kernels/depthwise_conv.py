@@ -16,19 +16,22 @@ block at 256 px for a 19 MB tensor that one pass over HBM moves in ~10 us.
 
 Kernel layout
 -------------
-Each program owns `TOKEN_BLOCK` consecutive tokens x a block of channels and reads the nine neighbours of its
-tokens as nine shifted tiles of the flat sequence (offsets dr * W + dc): the shifted tiles overlap, so after the
-first one they come from cache. A tap whose neighbour lies outside the grid is masked: above the first or below
-the last grid row (outside the sequence), or across the left or right edge (wrapping into the previous or next
-row). On a GPU the masked rows of a tile may lie before the sequence's start or past its end: Triton does not load
-them. Interpret mode slices instead (a slice starting before row 0 would be clamped, shifting the tile), so there
-the sequence gets `_halo_rows` = W + 1 zero rows on both sides and the same kernels read it at that offset.
+Each program owns a tile of consecutive tokens x a block of channels (`Tiles`, one for each kernel) and reads the
+nine neighbours of its tokens as nine shifted tiles of the flat sequence (offsets dr * W + dc): the shifted tiles
+overlap, so after the first one they come from cache. A tap whose neighbour lies outside the grid is masked: above
+the first or below the last grid row (outside the sequence), or across the left or right edge (wrapping into the
+previous or next row). On a GPU the masked rows of a tile may lie before the sequence's start or past its end:
+Triton does not load them. Interpret mode slices instead (a slice starting before row 0 would be clamped, shifting
+the tile), so there the sequence gets `_halo_rows` = W + 1 zero rows on both sides and the same kernels read it at
+that offset.
 The backward pass is the same loop twice: dx is the convolution of dy with the filter rotated by 180 degrees,
 and the filter gradient of tap (dr, dc) is the sum over tokens of dy * (x shifted by that tap), reduced per
 program into [N, token blocks, 10, D] float32 partials (nine taps and the bias) that XLA sums.
+Kernel names carry their tiles (e.g. depthwise_conv3x3_backward_t64_c128_w4), so that a profile tells them apart.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +41,20 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.mesh import per_batch_shard
 
-TOKEN_BLOCK = 64
 _CHANNEL_BLOCKS = (128, 64, 32, 16)
 _TAPS = tuple((row, col) for row in (-1, 0, 1) for col in (-1, 0, 1))  # (dr, dc), kernel index (dr+1, dc+1)
+
+
+class Tiles(NamedTuple):
+    """What one program of a kernel covers: `tokens` consecutive tokens (a power of two) x the largest channel
+    block of 128, 64, 32 or 16 that divides D and is at most `channels`; run by `num_warps` warps."""
+    tokens: int = 64
+    channels: int = 128
+    num_warps: int = 4
+
+
+FORWARD_TILES = Tiles()
+BACKWARD_TILES = Tiles()
 
 
 def _check_inputs(x, kernel, bias, grid_width):
@@ -80,9 +94,9 @@ def conv_shifted(x, kernel, bias, *, grid_width):
 # Pallas (Triton) kernels.
 
 
-def _channel_block(channels):
+def _channel_block(channels, at_most=_CHANNEL_BLOCKS[0]):
     for block in _CHANNEL_BLOCKS:
-        if channels % block == 0:
+        if block <= at_most and channels % block == 0:
             return block
     return None
 
@@ -96,11 +110,11 @@ def _with_halo(x, halo):
     return jnp.pad(x, ((0, 0), (halo, halo), (0, 0))) if halo else x
 
 
-def _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens, halo):
-    """[TOKEN_BLOCK, channels] float32 tile of x at (token + dr * W + dc) for the program's tokens, zero where that
+def _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens, halo, token_block):
+    """[token_block, channels] float32 tile of x at (token + dr * W + dc) for the program's tokens, zero where that
     neighbour is outside the grid; x_ref holds the sequence with `halo` rows on both sides."""
     dr, dc = _TAPS[tap]
-    tokens = token_start + lax.broadcasted_iota(jnp.int32, (TOKEN_BLOCK,), 0)
+    tokens = token_start + lax.broadcasted_iota(jnp.int32, (token_block,), 0)
     neighbours = tokens + dr * grid_width + dc
     valid = (tokens < num_tokens) & (neighbours >= 0) & (neighbours < num_tokens)
     if dc < 0:
@@ -108,45 +122,46 @@ def _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens, halo):
     elif dc > 0:
         valid &= tokens % grid_width < grid_width - 1
     start = token_start + halo + dr * grid_width + dc
-    return plgpu.load(x_ref.at[pl.ds(start, TOKEN_BLOCK), :], mask=valid[:, None], other=0).astype(jnp.float32)
+    return plgpu.load(x_ref.at[pl.ds(start, token_block), :], mask=valid[:, None], other=0).astype(jnp.float32)
 
 
-def _conv_tile(x_ref, w_ref, token_start, grid_width, num_tokens, halo):
-    acc = jnp.zeros((TOKEN_BLOCK, x_ref.shape[-1]), jnp.float32)
+def _conv_tile(x_ref, w_ref, token_start, grid_width, num_tokens, halo, token_block):
+    acc = jnp.zeros((token_block, x_ref.shape[-1]), jnp.float32)
     for tap in range(len(_TAPS)):
         weight = w_ref[tap].astype(jnp.float32)[None, :]
-        acc += _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens, halo) * weight
+        acc += _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens, halo, token_block) * weight
     return acc
 
 
 def _store_tokens(o_ref, token_start, num_tokens, tile):
-    valid = token_start + lax.broadcasted_iota(jnp.int32, (TOKEN_BLOCK,), 0) < num_tokens
-    plgpu.store(o_ref.at[pl.ds(token_start, TOKEN_BLOCK), :], tile.astype(o_ref.dtype), mask=valid[:, None])
+    token_block = tile.shape[0]
+    valid = token_start + lax.broadcasted_iota(jnp.int32, (token_block,), 0) < num_tokens
+    plgpu.store(o_ref.at[pl.ds(token_start, token_block), :], tile.astype(o_ref.dtype), mask=valid[:, None])
 
 
-def _forward_kernel(x_ref, w_ref, b_ref, y_ref, *, grid_width, num_tokens, halo):
-    token_start = pl.program_id(1) * TOKEN_BLOCK
-    y = _conv_tile(x_ref, w_ref, token_start, grid_width, num_tokens, halo) + b_ref[...].astype(jnp.float32)[None, :]
-    _store_tokens(y_ref, token_start, num_tokens, y)
+def _forward_kernel(x_ref, w_ref, b_ref, y_ref, *, token_block, **grid):
+    token_start = pl.program_id(1) * token_block
+    y = _conv_tile(x_ref, w_ref, token_start, **grid, token_block=token_block)
+    _store_tokens(y_ref, token_start, grid["num_tokens"], y + b_ref[...].astype(jnp.float32)[None, :])
 
 
-def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, grid_width, num_tokens, halo):
-    token_start = pl.program_id(1) * TOKEN_BLOCK
-    _store_tokens(dx_ref, token_start, num_tokens, _conv_tile(dy_ref, w_rotated_ref, token_start, grid_width,
-                                                              num_tokens, halo))
-    dy = _shifted_tile(dy_ref, token_start, _TAPS.index((0, 0)), grid_width, num_tokens, halo)  # zero past the end
+def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, token_block, **grid):
+    token_start = pl.program_id(1) * token_block
+    tile = functools.partial(_shifted_tile, token_start=token_start, **grid, token_block=token_block)
+    dx = _conv_tile(dy_ref, w_rotated_ref, token_start, **grid, token_block=token_block)
+    _store_tokens(dx_ref, token_start, grid["num_tokens"], dx)
+    dy = tile(dy_ref, tap=_TAPS.index((0, 0)))  # zero past the end
     for tap in range(len(_TAPS)):
-        tile = _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens, halo)
-        partials_ref[tap] = jnp.sum(tile * dy, axis=0)
+        partials_ref[tap] = jnp.sum(tile(x_ref, tap=tap) * dy, axis=0)
     partials_ref[len(_TAPS)] = jnp.sum(dy, axis=0)
 
 
-def _call(kernel, inputs, out_shape, grid_width, num_tokens, interpret, name):
+def _call(kernel, inputs, out_shape, grid_width, num_tokens, interpret, name, tiles: Tiles):
     """pallas_call over the grid (N, token blocks, channel blocks): `inputs` are sequences [N, T + 2 halo, D]
     then [9, D] filters / [D] vectors; outputs are [N, T, D] sequences or [N, token blocks, 10, D] partials."""
     n, _, d = inputs[0].shape
-    block = _channel_block(d)
-    token_blocks = pl.cdiv(num_tokens, TOKEN_BLOCK)
+    block = _channel_block(d, tiles.channels)
+    token_blocks = pl.cdiv(num_tokens, tiles.tokens)
 
     def spec(shape):
         if len(shape) == 3:  # a whole sequence per (batch element, channel block)
@@ -157,46 +172,49 @@ def _call(kernel, inputs, out_shape, grid_width, num_tokens, interpret, name):
 
     return pl.pallas_call(
         functools.partial(kernel, grid_width=grid_width, num_tokens=num_tokens,
-                          halo=_halo_rows(grid_width, interpret)),
+                          halo=_halo_rows(grid_width, interpret), token_block=tiles.tokens),
         grid=(n, token_blocks, d // block), in_specs=[spec(x.shape) for x in inputs],
-        out_specs=[spec(o.shape) for o in out_shape], out_shape=out_shape, interpret=interpret, name=name,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        out_specs=[spec(o.shape) for o in out_shape], out_shape=out_shape, interpret=interpret,
+        name=f"{name}_t{tiles.tokens}_c{block}_w{tiles.num_warps}",
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=1),
     )(*inputs)
 
 
-def _forward(x, filters, bias, *, grid_width, num_tokens, interpret):
+def _forward(x, filters, bias, *, grid_width, num_tokens, interpret, tiles):
     """y [N, T, D] from x (with its halo rows, see `_halo_rows`), filters [9, D] and bias [D]."""
     n, _, d = x.shape
     (y,) = _call(_forward_kernel, [x, filters, bias], [jax.ShapeDtypeStruct((n, num_tokens, d), x.dtype)],
-                 grid_width, num_tokens, interpret, "depthwise_conv3x3")
+                 grid_width, num_tokens, interpret, "depthwise_conv3x3", tiles)
     return y
 
 
-def _backward(x, dy, rotated_filters, *, grid_width, num_tokens, interpret):
+def _backward(x, dy, rotated_filters, *, grid_width, num_tokens, interpret, tiles):
     """(dx [N, T, D], filter and bias gradient partials [N, token blocks, 10, D] float32); x, dy with their halo."""
     n, _, d = x.shape
     out_shape = [jax.ShapeDtypeStruct((n, num_tokens, d), x.dtype),
-                 jax.ShapeDtypeStruct((n, pl.cdiv(num_tokens, TOKEN_BLOCK), len(_TAPS) + 1, d), jnp.float32)]
+                 jax.ShapeDtypeStruct((n, pl.cdiv(num_tokens, tiles.tokens), len(_TAPS) + 1, d), jnp.float32)]
     return _call(_backward_kernel, [x, dy, rotated_filters], out_shape, grid_width, num_tokens,
-                 interpret, "depthwise_conv3x3_backward")
+                 interpret, "depthwise_conv3x3_backward", tiles)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _conv_pallas(x, kernel, bias, grid_width, interpret):
-    return _conv_pallas_forward(x, kernel, bias, grid_width, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv_pallas(x, kernel, bias, grid_width, interpret, tiles):
+    return _conv_pallas_forward(x, kernel, bias, grid_width, interpret, tiles)[0]
 
 
-def _conv_pallas_forward(x, kernel, bias, grid_width, interpret):
-    forward = functools.partial(_forward, grid_width=grid_width, num_tokens=x.shape[1], interpret=interpret)
+def _conv_pallas_forward(x, kernel, bias, grid_width, interpret, tiles):
+    forward = functools.partial(_forward, grid_width=grid_width, num_tokens=x.shape[1], interpret=interpret,
+                                tiles=tiles[0])
     x = _with_halo(x, _halo_rows(grid_width, interpret))
     # A pallas_call is opaque to XLA's SPMD partitioner: without this it would gather the batch onto every device.
     return per_batch_shard(forward, (x,), (kernel.reshape(len(_TAPS), -1), bias)), (x, kernel, bias)
 
 
-def _conv_pallas_backward(grid_width, interpret, residuals, dy):
+def _conv_pallas_backward(grid_width, interpret, tiles, residuals, dy):
     x, kernel, bias = residuals
     d = kernel.shape[-1]
-    backward = functools.partial(_backward, grid_width=grid_width, num_tokens=dy.shape[1], interpret=interpret)
+    backward = functools.partial(_backward, grid_width=grid_width, num_tokens=dy.shape[1], interpret=interpret,
+                                 tiles=tiles[1])
     dx, partials = per_batch_shard(backward, (x, _with_halo(dy, _halo_rows(grid_width, interpret))),
                                    (kernel[::-1, ::-1].reshape(len(_TAPS), d),))
     sums = partials.sum(axis=(0, 1))
@@ -206,11 +224,15 @@ def _conv_pallas_backward(grid_width, interpret, residuals, dy):
 _conv_pallas.defvjp(_conv_pallas_forward, _conv_pallas_backward)
 
 
-def conv_pallas(x, kernel, bias, *, grid_width, interpret=False):
+def conv_pallas(x, kernel, bias, *, grid_width, interpret=False, forward_tiles: Tiles = FORWARD_TILES,
+                backward_tiles: Tiles = BACKWARD_TILES):
     """The Triton kernels (interpret=True runs them on any backend). D must be a multiple of 16."""
     if _channel_block(x.shape[-1]) is None:
         raise ValueError(f"impl='pallas' needs D to be a multiple of 16, got D={x.shape[-1]}; use impl='shifted'")
-    return _conv_pallas(x, kernel, bias, grid_width, interpret)
+    for name, tiles in (("forward_tiles", forward_tiles), ("backward_tiles", backward_tiles)):
+        if tiles.tokens < 1 or tiles.tokens & (tiles.tokens - 1) or tiles.channels < _CHANNEL_BLOCKS[-1]:
+            raise ValueError(f"{name}={tiles} needs tokens a power of two and channels >= {_CHANNEL_BLOCKS[-1]}")
+    return _conv_pallas(x, kernel, bias, grid_width, interpret, (forward_tiles, backward_tiles))
 
 
 IMPLS = {"conv": conv_reference, "shifted": conv_shifted, "pallas": conv_pallas}

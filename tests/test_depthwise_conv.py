@@ -11,7 +11,7 @@ from jax import export
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.depthwise_conv import conv_pallas, conv_reference, depthwise_conv3x3, resolve_impl
+from pallas_kernels.depthwise_conv import Tiles, conv_pallas, conv_reference, depthwise_conv3x3, resolve_impl
 
 interpreted = functools.partial(conv_pallas, interpret=True)
 
@@ -46,6 +46,17 @@ def test_matches_grouped_conv_with_gradients(impl, batch, height, width, channel
     expected = _value_and_grads(conv_reference, *args, width)
     for name, ours, theirs in zip(("y", "dx", "dkernel", "dbias"), _value_and_grads(conv, *args, width), expected):
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, name
+        assert _rel_err(ours, theirs) < 1e-5, name
+
+
+@pytest.mark.parametrize("forward_tiles,backward_tiles", [(Tiles(16, 32, 1), Tiles(128, 16, 8)),
+                                                          (Tiles(32, 64, 2), Tiles(8, 128, 4))])
+def test_every_tiling_gives_the_same_values_and_gradients(forward_tiles, backward_tiles):
+    """Token blocks smaller and larger than a grid row and than T, channel blocks smaller than D."""
+    args = _inputs(3, 2, 9, 11, 64)
+    conv = functools.partial(interpreted, forward_tiles=forward_tiles, backward_tiles=backward_tiles)
+    expected = _value_and_grads(conv_reference, *args, 11)
+    for name, ours, theirs in zip(("y", "dx", "dkernel", "dbias"), _value_and_grads(conv, *args, 11), expected):
         assert _rel_err(ours, theirs) < 1e-5, name
 
 
@@ -96,4 +107,8 @@ def test_bad_arguments_are_named():
         depthwise_conv3x3(x, kernel, bias, grid_width=4, impl="cudnn")
     with pytest.raises(ValueError, match="multiple of 16"):
         conv_pallas(x[..., :12], kernel[..., :12], bias[:12], grid_width=4)
+    with pytest.raises(ValueError, match="backward_tiles=.*power of two"):
+        conv_pallas(x, kernel, bias, grid_width=4, backward_tiles=Tiles(tokens=48))
+    with pytest.raises(ValueError, match="forward_tiles=.*channels >= 16"):
+        conv_pallas(x, kernel, bias, grid_width=4, forward_tiles=Tiles(channels=8))
     assert resolve_impl("auto", 16) == "shifted"  # CPU

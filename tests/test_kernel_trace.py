@@ -83,3 +83,26 @@ def test_missing_trace_and_bad_calls_are_named(tmp_path):
     write_trace(str(tmp_path), [])
     with pytest.raises(ValueError, match="calls must be >= 1"):
         kernel_trace.summarize(str(tmp_path), calls=0)
+
+
+def test_conv_tiles_sweep_counts_each_kernel_for_the_tiles_that_ran_it():
+    import depthwise_conv_tiles
+
+    from pallas_kernels.depthwise_conv import Tiles
+
+    def kernel(name, ts, dur):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur}
+
+    events = [kernel("loop_reverse_fusion", 0, 1.0),  # before any conv kernel: nobody's
+              kernel("depthwise_conv3x3_t64_c128_w4", 10, 5.0),
+              kernel("depthwise_conv3x3_backward_t64_c128_w4", 20, 9.0),
+              kernel("input_reduce_fusion", 30, 2.0),
+              kernel("depthwise_conv3x3_t16_c64_w2", 40, 3.0),
+              kernel("depthwise_conv3x3_backward_t16_c64_w2", 50, 7.0),
+              kernel("input_reduce_fusion", 60, 4.0),
+              kernel("depthwise_conv3x3_backward_t64_c128_w4", 15, 1.0)]  # out of order: sorted by time
+    totals = depthwise_conv_tiles.device_us_by_tiles(events)
+    assert totals == {Tiles(64, 128, 4): {"forward_us": 5.0, "backward_us": 10.0, "xla_us": 2.0},
+                      Tiles(16, 64, 2): {"forward_us": 3.0, "backward_us": 7.0, "xla_us": 4.0}}
+    assert all(4 <= t.tokens * t.channels // (32 * t.num_warps) <= 64 and 1152 % t.channels == 0
+               for t in depthwise_conv_tiles.candidates(1152))
