@@ -53,8 +53,8 @@ class Tiles(NamedTuple):
     num_warps: int = 4
 
 
-FORWARD_TILES = Tiles()
-BACKWARD_TILES = Tiles()
+FORWARD_TILES = Tiles(64, 64, 4)
+BACKWARD_TILES = Tiles(64, 64, 4)
 
 
 def _check_inputs(x, kernel, bias, grid_width):
