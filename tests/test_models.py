@@ -1,5 +1,7 @@
 """DiG and DiT: exact parameter counts, zero output at init, the SREM scan order, label dropout, input sizes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,6 +205,27 @@ def test_log_forget_gate_backward_matches_autodiff_and_keeps_only_its_output():
     np.testing.assert_allclose(backward(cotangent)[0], expected_backward(cotangent)[0], rtol=2e-6, atol=1e-30)
     assert [leaf.nbytes for leaf in jax.tree_util.tree_leaves(backward)] == [value.nbytes]
     assert sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(expected_backward)) >= 2 * value.nbytes
+
+
+def test_log_forget_gate_backward_reads_only_the_output_after_xla_simplifies():
+    """XLA rewrites the backward's GATE_LOGIT_NORMALIZER * log_forget to the forward's log_sigmoid(logits) unless a
+    barrier stops it, and then keeps that second array alive: the compiled backward must start from the output."""
+    def loss(logits, weights):
+        return jnp.sum(jnp.cumsum(log_forget_gate(logits), axis=1) * weights)  # cumsum: keeps the output alive
+
+    logits = jnp.ones((4, 64, 32))
+    hlo = jax.jit(jax.grad(loss)).lower(logits, logits).compile().as_text()
+    instructions = dict(re.findall(r"%([\w.\-]+) = \S+ ([^\n]*)", hlo))
+    pending = [re.search(r"exponential-minus-one\(%([\w.\-]+)\)", hlo).group(1)]
+    forward_reads = set()
+    while pending:
+        text = instructions[pending.pop()]
+        op_name = re.search(r'op_name="([^"]*)"', text)
+        if op_name and "transpose(" in op_name.group(1):
+            pending += re.findall(r"%([\w.\-]+)", text.split("metadata=")[0])
+        elif op_name:
+            forward_reads.add(op_name.group(1).rsplit("/", 1)[-1])
+    assert forward_reads == {"div"}, forward_reads  # log_forget = log_sigmoid(logits) / GATE_LOGIT_NORMALIZER
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

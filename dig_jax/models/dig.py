@@ -179,7 +179,9 @@ def log_forget_gate(logits):
 
 
 def _log_forget_gate_forward(logits):
-    log_forget = log_forget_gate(logits)
+    # The barrier keeps XLA from simplifying the backward's GATE_LOGIT_NORMALIZER * log_forget back to the forward's
+    # log_sigmoid(logits), which it then kept alive as a second float32 array per layer (DiG-S/2 step, H200).
+    log_forget = jax.lax.optimization_barrier(log_forget_gate(logits))
     return log_forget, log_forget
 
 
