@@ -107,7 +107,7 @@ def main():
     whole = {r["block"]: r["ms"] for r in rows if r["without"] == "whole"}
     print(f"\n{name} blocks, batch {args.batch}, {args.grid}x{args.grid} tokens: fwd+bwd ms "
           "(component = whole - without)")
-    print(f"{'block':>6} {'whole':>7} " + " ".join(f"{a:>9}" for a in list(ABLATIONS)[1:] + ["gla_gate"]))
+    print(f"{'block':>6} {'whole':>7} " + " ".join(f"{a:>9}" for a in list(ABLATIONS)[1:]))
     for index in blocks:
         costs = [whole[index] - r["ms"] for r in rows if r["block"] == index and r["without"] != "whole"]
         print(f"{index:>6} {whole[index]:7.3f} " + " ".join(f"{cost:9.3f}" for cost in costs))
