@@ -24,9 +24,12 @@ previous or next row). On a GPU the masked rows of a tile may lie before the seq
 Triton does not load them. Interpret mode slices instead (a slice starting before row 0 would be clamped, shifting
 the tile), so there the sequence gets `_halo_rows` = W + 1 zero rows on both sides and the same kernels read it at
 that offset.
-The backward pass is the same loop twice: dx is the convolution of dy with the filter rotated by 180 degrees,
-and the filter gradient of tap (dr, dc) is the sum over tokens of dy * (x shifted by that tap), reduced per
-program into [N, token blocks, 10, D] float32 partials (nine taps and the bias) that XLA sums.
+The backward pass is one loop over the nine shifted tiles of dy: dx is the convolution of dy with the filter
+rotated by 180 degrees, and the filter gradient of tap (dr, dc), the sum over tokens t of dy[t] * x[t + (dr, dc)],
+is also the sum over s = t + (dr, dc) of x[s] * dy[s - (dr, dc)]: the program's own x tile times the dy tile that
+dx's rotated tap (-dr, -dc) reads, with the same mask (both ends inside the grid, no wrap across an edge). So the
+backward reads ten tiles, not nineteen. The sums run per program into [N, token blocks, 10, D] float32 partials
+(nine taps and the bias) that XLA sums.
 Kernel names carry their tiles (e.g. depthwise_conv3x3_backward_t64_c128_w4), so that a profile tells them apart.
 """
 
@@ -43,6 +46,7 @@ from pallas_kernels.mesh import per_batch_shard
 
 _CHANNEL_BLOCKS = (128, 64, 32, 16)
 _TAPS = tuple((row, col) for row in (-1, 0, 1) for col in (-1, 0, 1))  # (dr, dc), kernel index (dr+1, dc+1)
+_CENTER = _TAPS.index((0, 0))  # tap i's opposite (-dr, -dc) is tap 8 - i
 
 
 class Tiles(NamedTuple):
@@ -150,12 +154,16 @@ def _forward_kernel(x_ref, w_ref, b_ref, y_ref, *, token_block, **grid):
 def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, token_block, **grid):
     token_start = pl.program_id(1) * token_block
     tile = functools.partial(_shifted_tile, token_start=token_start, **grid, token_block=token_block)
-    dx = _conv_tile(dy_ref, w_rotated_ref, token_start, **grid, token_block=token_block)
-    _store_tokens(dx_ref, token_start, grid["num_tokens"], dx)
-    dy = tile(dy_ref, tap=_TAPS.index((0, 0)))  # zero past the end
+    x = tile(x_ref, tap=_CENTER)  # zero past the end
+    dx = jnp.zeros_like(x)
     for tap in range(len(_TAPS)):
-        partials_ref[tap] = jnp.sum(tile(x_ref, tap=tap) * dy, axis=0)
-    partials_ref[len(_TAPS)] = jnp.sum(dy, axis=0)
+        dy = tile(dy_ref, tap=tap)  # dy at s + (dr, dc), zero where that is outside the grid
+        dx += dy * w_rotated_ref[tap].astype(jnp.float32)[None, :]
+        # Filter tap (-dr, -dc) pairs x[s] with dy[s + (dr, dc)]: the tile dx just used (module docstring).
+        partials_ref[len(_TAPS) - 1 - tap] = jnp.sum(x * dy, axis=0)
+        if tap == _CENTER:
+            partials_ref[len(_TAPS)] = jnp.sum(dy, axis=0)
+    _store_tokens(dx_ref, token_start, grid["num_tokens"], dx)
 
 
 def _call(kernel, inputs, out_shape, grid_width, num_tokens, interpret, name, tiles: Tiles):
