@@ -145,7 +145,7 @@ class GatedLinearAttention(nnx.Module):
         kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
         x, kernel = self.q_proj.promote_dtype((x, kernel), dtype=self.q_proj.dtype, inexact=True)  # as nnx.Linear
         projected = jnp.dot(x, kernel, precision=self.q_proj.precision)
-        q, k, v, g, gate_code = jax.lax.optimization_barrier(
+        q, k, v, g, gate_code = lax.optimization_barrier(
             tuple(jnp.split(projected, np.cumsum([layer.out_features for layer in layers[:-1]]), -1)))
         log_forget = log_forget_gate(self.gk_proj_up(gate_code).astype(jnp.float32))
         return self._heads(q), self._heads(k), self._heads(v), self._heads(g), self._heads(log_forget)
@@ -181,7 +181,7 @@ def log_forget_gate(logits):
 def _log_forget_gate_forward(logits):
     # The barrier keeps XLA from simplifying the backward's GATE_LOGIT_NORMALIZER * log_forget back to the forward's
     # log_sigmoid(logits), which it then kept alive as a second float32 array per layer (DiG-S/2 step, H200).
-    log_forget = jax.lax.optimization_barrier(log_forget_gate(logits))
+    log_forget = lax.optimization_barrier(log_forget_gate(logits))
     return log_forget, log_forget
 
 
