@@ -4,11 +4,14 @@
         --models DiG-S/2 --variants pallas --steps 3
     python benchmarks/hlo_report.py DUMP/*jit_multi_step*after_optimizations.txt
 
-No device needed to read a dump (`jax.jit(f).lower(...).compile().as_text()` gives the same text). Two tables:
+No device needed to read a dump (`jax.jit(f).lower(...).compile().as_text()` gives the same text). Three tables:
   kernels    what one run of the program launches: the instructions of the entry computation and of the
              computations it runs (while-loop bodies, calls, conditional branches), by kind: fusions by XLA's
              fusion kind, library calls by custom-call target (Pallas kernels are "__gpu$xla.gpu.triton"),
              other instructions by opcode;
+  passes     the same kernels by pass: forward (op_name under jvp), backward (under transpose), and the update
+             outside differentiation (optimizer, EMA, metrics), whose count grows with the number of parameter
+             arrays; the update's kernels by jax op;
   residuals  forward-pass values the backward pass reads: arrays made by instructions whose op_name is under
              jvp(...) and read by instructions under transpose(...), i.e. what stays alive from one pass to the
              other, grouped by the jax op that made them and shape, in MiB. A tuple output counts only the elements
@@ -121,6 +124,20 @@ def kernel_counts(instructions: list[Instruction]) -> collections.Counter:
     return collections.Counter(kind for kind in map(kernel_kind, instructions) if kind)
 
 
+def kernels_by_pass(instructions: list[Instruction]) -> collections.Counter:
+    """{(pass, jax op): kernels}: "backward" for op_names under transpose(...), "forward" under jvp(...), "update"
+    for the rest (optimizer, EMA, metrics: whatever runs outside differentiation); the op is the op_name's last
+    component (the jax primitive XLA names the kernel after)."""
+    counts = collections.Counter()
+    for instruction in instructions:
+        if kernel_kind(instruction) is None:
+            continue
+        op_name = instruction.op_name
+        step = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "update"
+        counts[(step, op_name.rsplit("/", 1)[-1] or "?")] += 1
+    return counts
+
+
 def forward_residuals(instructions: list[Instruction]) -> dict:
     """{(making op, array shape): (count, MiB)} of forward values read by the backward pass."""
     by_name = {instruction.name: instruction for instruction in instructions}
@@ -148,13 +165,22 @@ def forward_residuals(instructions: list[Instruction]) -> dict:
 
 
 def report(hlo_text: str, title: str, top: int = 30) -> str:
-    """Markdown: kernels by kind, then the largest forward values kept for the backward pass."""
+    """Markdown: kernels by kind, kernels by pass (and the update's by op), then the largest forward values kept
+    for the backward pass."""
     instructions = executed(*parse(hlo_text))
     counts = kernel_counts(instructions)
+    by_pass = kernels_by_pass(instructions)
     residuals = forward_residuals(instructions)
     lines = [f"{title}: {sum(counts.values())} kernels per run, forward values read by the backward pass "
              f"{sum(mib for _, mib in residuals.values()):.1f} MiB", "", "| kernel kind | count |", "|---|---|"]
     lines += [f"| {kind} | {count} |" for kind, count in counts.most_common()]
+    passes = collections.Counter()
+    for (step, _), count in by_pass.items():
+        passes[step] += count
+    lines += ["", "| pass | kernels | of which, by jax op (update only) |", "|---|---|---|"]
+    for step in ("forward", "backward", "update"):
+        ops = ", ".join(f"{op} {count}" for (name, op), count in by_pass.most_common() if name == step)
+        lines.append(f"| {step} | {passes[step]} | {ops if step == 'update' else ''} |")
     lines += ["", "| made by | array | count | MiB |", "|---|---|---|---|"]
     lines += [f"| {op} | {array} | {count} | {mib:.1f} |"
               for (op, array), (count, mib) in list(residuals.items())[:top]]

@@ -65,8 +65,12 @@ def test_kernels_and_residuals_of_a_synthetic_step():
         ("div", "f32[8,4]"): (2, pytest.approx(256 * mib)),
         ("pallas_call", "bf16[8,4]"): (1, pytest.approx(64 * mib)),
     }
+    assert hlo_report.kernels_by_pass(instructions) == {
+        ("forward", "dot_general"): 1, ("forward", "div"): 1, ("forward", "pallas_call"): 1,
+        ("backward", "mul"): 1, ("backward", "add_any"): 1, ("update", "?"): 1}  # the copy has no op_name
     text = hlo_report.report(HLO, "step")
     assert text.startswith("step: 6 kernels per run")
+    assert "| forward | 3 |  |" in text and "| update | 1 | ? 1 |" in text
     assert "| div | f32[8,4] | 2 | 0.0 |" in text
 
 
