@@ -27,8 +27,9 @@ def inputs(key, n, grid, d, dtype):
     return x, kernel, bias, jax.random.normal(keys[3], x.shape, jnp.float32).astype(dtype)
 
 
-def _value_and_grads(impl, grid, x, kernel, bias, dy):
-    y, vjp = jax.vjp(functools.partial(IMPLS[impl], grid_width=grid), x, kernel, bias)
+def value_and_grads(conv, grid, x, kernel, bias, dy):
+    """(y, dx, dkernel, dbias) of conv(x, kernel, bias, grid_width=grid) for the cotangent dy."""
+    y, vjp = jax.vjp(functools.partial(conv, grid_width=grid), x, kernel, bias)
     return (y, *vjp(dy))
 
 
@@ -36,15 +37,15 @@ def accuracy(impl, shape, dtype):
     """Worst relative L2 error over (y, dx, dkernel, dbias) against the float32 convolution on the same inputs."""
     n, grid, d = shape
     args = inputs(jax.random.key(n * grid + d), n, grid, d, dtype)
-    ours = jax.jit(functools.partial(_value_and_grads, impl, grid))(*args)
+    ours = jax.jit(functools.partial(value_and_grads, IMPLS[impl], grid))(*args)
     upcast = [a.astype(jnp.float32) for a in args]
-    return worst_relative_error(ours, jax.jit(functools.partial(_value_and_grads, "conv", grid))(*upcast))
+    return worst_relative_error(ours, jax.jit(functools.partial(value_and_grads, IMPLS["conv"], grid))(*upcast))
 
 
 def time_ms(impl, shape, dtype, repeats=50):
     n, grid, d = shape
     sets = [inputs(jax.random.key(i), n, grid, d, dtype) for i in range(4)]  # rotate: no cache-resident reuse
-    step = jax.jit(functools.partial(_value_and_grads, impl, grid))
+    step = jax.jit(functools.partial(value_and_grads, IMPLS[impl], grid))
     jax.block_until_ready(step(*sets[0]))
     times = []
     for i in range(repeats):

@@ -13,7 +13,6 @@ fastest over all shapes (sum of each shape's time relative to that shape's faste
 import argparse
 import collections
 import functools
-import gzip
 import itertools
 import json
 import re
@@ -21,8 +20,8 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-from depthwise_conv import SHAPES, inputs
-from kernel_trace import stream_events, trace_file
+from depthwise_conv import SHAPES, inputs, value_and_grads
+from kernel_trace import kernel_events
 from results import report, worst_relative_error
 
 from pallas_kernels.depthwise_conv import Tiles, conv_pallas, conv_reference
@@ -53,20 +52,15 @@ def device_us_by_tiles(kernels: list[dict]) -> dict[Tiles, collections.Counter]:
     return dict(totals)
 
 
-def _value_and_grads(conv, grid, x, kernel, bias, dy):
-    y, vjp = jax.vjp(functools.partial(conv, grid_width=grid), x, kernel, bias)
-    return (y, *vjp(dy))
-
-
 def sweep(shape, calls: int) -> list[dict]:
     n, grid, d = shape
     sets = [inputs(jax.random.key(i), n, grid, d, jnp.bfloat16) for i in range(4)]
-    expected = jax.jit(functools.partial(_value_and_grads, conv_reference, grid))(
+    expected = jax.jit(functools.partial(value_and_grads, conv_reference, grid))(
         *[a.astype(jnp.float32) for a in sets[0]])
     steps, errors = {}, {}
     for tiles in candidates(d):
         conv = functools.partial(conv_pallas, forward_tiles=tiles, backward_tiles=tiles)
-        step = jax.jit(functools.partial(_value_and_grads, conv, grid))
+        step = jax.jit(functools.partial(value_and_grads, conv, grid))
         try:
             errors[tiles] = worst_relative_error(step(*sets[0]), expected)
         except Exception as error:  # a tiling Triton cannot compile is a result too
@@ -77,9 +71,7 @@ def sweep(shape, calls: int) -> list[dict]:
         with jax.profiler.trace(log_dir, create_perfetto_trace=True):
             for step in steps.values():
                 jax.block_until_ready([step(*sets[i % len(sets)]) for i in range(calls)])
-        with gzip.open(trace_file(log_dir), "rt") as f:
-            trace = json.load(f)
-    totals = device_us_by_tiles(stream_events(trace["traceEvents"] if isinstance(trace, dict) else trace))
+        totals = device_us_by_tiles(kernel_events(log_dir))
     rows = []
     for tiles in steps:  # candidates' channel blocks divide D: the kernel names carry them as they are
         if tiles not in totals:

@@ -59,6 +59,13 @@ def stream_events(events: list[dict]) -> list[dict]:
             and thread_names.get((event["pid"], event.get("tid")), "").startswith("Stream")]
 
 
+def kernel_events(log_dir: str) -> list[dict]:
+    """The stream events (`stream_events`) of the newest trace under log_dir."""
+    with gzip.open(trace_file(log_dir), "rt") as f:
+        trace = json.load(f)
+    return stream_events(trace["traceEvents"] if isinstance(trace, dict) else trace)
+
+
 def _busy_us(intervals: list[tuple[float, float]]) -> float:
     busy, end = 0.0, float("-inf")
     for start, stop in sorted(intervals):
@@ -72,9 +79,7 @@ def summarize(log_dir: str, calls: int) -> dict:
     """Per-call kernel statistics of the trace under log_dir that covered `calls` step calls (times in ms)."""
     if calls < 1:
         raise ValueError(f"calls must be >= 1, got {calls}")
-    with gzip.open(trace_file(log_dir), "rt") as f:
-        trace = json.load(f)
-    kernels = stream_events(trace["traceEvents"] if isinstance(trace, dict) else trace)
+    kernels = kernel_events(log_dir)
     intervals = [(event["ts"], event["ts"] + event.get("dur", 0.0)) for event in kernels]
     by_kind = collections.defaultdict(lambda: {"count": 0, "ms": 0.0})
     by_name = collections.defaultdict(lambda: {"count": 0, "ms": 0.0})

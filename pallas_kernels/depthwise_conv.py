@@ -42,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import dispatch
 from pallas_kernels.mesh import per_batch_shard
 
 _CHANNEL_BLOCKS = (128, 64, 32, 16)
@@ -250,12 +251,8 @@ IMPLS = {"conv": conv_reference, "shifted": conv_shifted, "pallas": conv_pallas}
 
 def resolve_impl(impl: str, channels: int | None = None) -> str:
     """Maps "auto" to the implementation for the default backend (and D, when given)."""
-    if impl == "auto":
-        kernel_fits = channels is None or _channel_block(channels) is not None
-        return "pallas" if jax.default_backend() == "gpu" and kernel_fits else "shifted"
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be 'auto' or one of {sorted(IMPLS)}, got {impl!r}")
-    return impl
+    fits = channels is None or _channel_block(channels) is not None
+    return dispatch.resolve_impl(impl, IMPLS, kernel="pallas", fallback="shifted", kernel_fits=fits)
 
 
 def depthwise_conv3x3(x, kernel, bias, *, grid_width: int, impl: str = "auto"):

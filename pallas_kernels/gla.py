@@ -9,9 +9,9 @@ Implementations are picked by name from `IMPLS`:
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
+from pallas_kernels import dispatch
 from pallas_kernels.gla_pallas import gla_pallas
 from pallas_kernels.gla_reference import gla_reference
 from pallas_kernels.gla_xla import gla_xla
@@ -28,11 +28,7 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 def resolve_impl(impl: str) -> str:
     """Maps "auto" to a concrete implementation name for the default backend."""
-    if impl == "auto":
-        return "pallas" if "pallas" in IMPLS and jax.default_backend() in ("gpu", "tpu") else "xla"
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be 'auto' or one of {sorted(IMPLS)}, got {impl!r}")
-    return impl
+    return dispatch.resolve_impl(impl, IMPLS, kernel="pallas", fallback="xla", backends=("gpu", "tpu"))
 
 
 def _check_inputs(q, k, v, g, initial_state):

@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import dispatch
 from pallas_kernels.mesh import per_batch_shard
 
 _MIN_VALUE_DIM = 16  # rows of V elements: Triton tiles are powers of two, kept to at least 16 lanes
@@ -190,12 +191,8 @@ IMPLS = {"xla": gate_xla, "pallas": gate_pallas}
 
 def resolve_impl(impl: str, value_dim: int | None = None) -> str:
     """Maps "auto" to the implementation for the default backend (and V, when given)."""
-    if impl == "auto":
-        fits = value_dim is None or _kernel_fits(value_dim)
-        return "pallas" if jax.default_backend() == "gpu" and fits else "xla"
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be 'auto' or one of {sorted(IMPLS)}, got {impl!r}")
-    return impl
+    fits = value_dim is None or _kernel_fits(value_dim)
+    return dispatch.resolve_impl(impl, IMPLS, kernel="pallas", fallback="xla", kernel_fits=fits)
 
 
 def rms_norm_swish_gate(o, g, weight, *, eps: float, impl: str = "auto"):
