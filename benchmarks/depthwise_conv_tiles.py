@@ -4,8 +4,8 @@ work around the backward: filter rotation, summing the gradient partials) for ea
     python benchmarks/depthwise_conv_tiles.py --shapes S/256,XL/256 --out tiles.jsonl
 
 Every candidate runs forward + backward (bf16) back to back on rotating inputs inside one trace per shape; its
-kernels carry their tiles in their names (depthwise_conv3x3[_backward]_t<tokens>_c<channels>_w<warps>), and an XLA
-kernel counts for the candidate whose Pallas kernel ran last before it. Each candidate's values and gradients are
+kernels carry their tiles in their names (depthwise_conv3x3[_backward]_t<tokens>_c<channels>_w<warps>_s<steps>), and
+an XLA kernel counts for the candidate whose Pallas kernel ran last before it. Each candidate's values and gradients are
 checked against XLA's convolution first. Prints, per shape, the fastest forward and backward tiles, then the tiles
 fastest over all shapes (sum of each shape's time relative to that shape's fastest) as a JSON line.
 """
@@ -26,15 +26,22 @@ from results import report, worst_relative_error
 
 from pallas_kernels.depthwise_conv import Tiles, conv_pallas, conv_reference
 
-_KERNEL = re.compile(r"^depthwise_conv3x3(_backward)?_t(\d+)_c(\d+)_w(\d+)")
+_KERNEL = re.compile(r"^depthwise_conv3x3(_backward)?_t(\d+)_c(\d+)_w(\d+)_s(\d+)")
 
 
 def candidates(channels: int) -> list[Tiles]:
-    """Tiles whose tile holds 4 to 64 elements per thread (fewer wastes threads, more spills registers)."""
+    """One token tile per program holding 4 to 64 elements per thread (fewer wastes threads, more spills
+    registers); or 4 or 8 tiles per program looped by 2 or 4 warps, holding 4 to 16 (the backward keeps 10
+    accumulator tiles)."""
     tiles = []
-    for tokens, block, warps in itertools.product((16, 32, 64, 128), (64, 128), (2, 4, 8)):
-        if channels % block == 0 and 4 <= tokens * block // (32 * warps) <= 64:
+    for tokens, block, warps in itertools.product((8, 16, 32, 64, 128), (64, 128), (2, 4, 8)):
+        per_thread = tokens * block // (32 * warps)
+        if channels % block:
+            continue
+        if 4 <= per_thread <= 64 and tokens >= 16:
             tiles.append(Tiles(tokens, block, warps))
+        if 4 <= per_thread <= 16 and warps <= 4:
+            tiles.extend(Tiles(tokens, block, warps, steps) for steps in (4, 8))
     return tiles
 
 
@@ -45,7 +52,7 @@ def device_us_by_tiles(kernels: list[dict]) -> dict[Tiles, collections.Counter]:
     for event in sorted(kernels, key=lambda e: e["ts"]):
         match = _KERNEL.match(event["name"])
         if match:
-            current = Tiles(int(match[2]), int(match[3]), int(match[4]))
+            current = Tiles(*(int(group) for group in match.groups()[1:]))
             totals[current]["backward_us" if match[1] else "forward_us"] += event.get("dur", 0.0)
         elif current is not None:
             totals[current]["xla_us"] += event.get("dur", 0.0)
@@ -100,7 +107,7 @@ def main():
         relative, seen = collections.Counter(), collections.Counter()
         for name, rows in by_shape.items():
             fastest = min(cost(r) for r in rows)
-            print(f"\n{name} {direction}: fastest tiles (tokens, channels, warps), us per call")
+            print(f"\n{name} {direction}: fastest tiles (tokens, channels, warps, steps), us per call")
             for r in sorted(rows, key=cost)[:5]:
                 print(f"  {tuple(r['tiles'])}  {cost(r):8.1f}  err {r['error']:.1e}")
             for r in rows:

@@ -28,9 +28,11 @@ The backward pass is one loop over the nine shifted tiles of dy: dx is the convo
 rotated by 180 degrees, and the filter gradient of tap (dr, dc), the sum over tokens t of dy[t] * x[t + (dr, dc)],
 is also the sum over s = t + (dr, dc) of x[s] * dy[s - (dr, dc)]: the program's own x tile times the dy tile that
 dx's rotated tap (-dr, -dc) reads, with the same mask (both ends inside the grid, no wrap across an edge). So the
-backward reads ten tiles, not nineteen. The sums run per program into [N, token blocks, 10, D] float32 partials
-(nine taps and the bias) that XLA sums.
-Kernel names carry their tiles (e.g. depthwise_conv3x3_backward_t64_c128_w4), so that a profile tells them apart.
+backward reads ten tiles, not nineteen. The products add up per element over a program's `Tiles.steps` token
+tiles; then each program sums them over its tokens into [N, programs along T, 10, D] float32 partials (nine taps
+and the bias) that XLA sums.
+Kernel names carry their tiles (e.g. depthwise_conv3x3_backward_t64_c128_w4_s1), so that a profile tells them
+apart.
 """
 
 import functools
@@ -51,17 +53,22 @@ _CENTER = _TAPS.index((0, 0))  # tap i's opposite (-dr, -dc) is tap 8 - i
 
 
 class Tiles(NamedTuple):
-    """What one program of a kernel covers: `tokens` consecutive tokens (a power of two) x the largest channel
-    block of 128, 64, 32 or 16 that divides D and is at most `channels`; run by `num_warps` warps."""
+    """What one program of a kernel covers: `steps` consecutive tiles of `tokens` tokens (a power of two), walked
+    in a loop, x the largest channel block of 128, 64, 32 or 16 that divides D and is at most `channels`; run by
+    `num_warps` warps. In the backward kernel the filter-gradient products add up per element over the steps and
+    are summed over tokens once at the end: `steps` divides the number of those cross-thread sums (and of the
+    partials XLA adds up afterwards) at the cost of 10 accumulator tiles in registers."""
     tokens: int = 64
     channels: int = 128
     num_warps: int = 4
+    steps: int = 1
 
 
-# Fastest both ways at DiG-S/2's and DiG-XL/2's 256 px shapes on an H200 among 20 tilings
-# (benchmarks/depthwise_conv_tiles.py; docs/benchmarks.md): 64 x 128 channels took 1.2-1.4x as long.
-FORWARD_TILES = Tiles(64, 64, 4)
-BACKWARD_TILES = Tiles(64, 64, 4)
+# Fastest over DiG-S/2's and DiG-XL/2's 256 px shapes on an H100 among 48 tilings (benchmarks/depthwise_conv_tiles.py;
+# docs/benchmarks.md). With 10 accumulator tiles, the backward of a 32 x 128 or 64 x 64 tile on 2 warps ran 16-22x
+# slower than these.
+FORWARD_TILES = Tiles(64, 128, 8, 1)
+BACKWARD_TILES = Tiles(8, 64, 4, 8)
 
 
 def _check_inputs(x, kernel, bias, grid_width):
@@ -132,39 +139,50 @@ def _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens, halo, token_b
     return plgpu.load(x_ref.at[pl.ds(start, token_block), :], mask=valid[:, None], other=0).astype(jnp.float32)
 
 
-def _conv_tile(x_ref, w_ref, token_start, grid_width, num_tokens, halo, token_block):
-    acc = jnp.zeros((token_block, x_ref.shape[-1]), jnp.float32)
-    for tap in range(len(_TAPS)):
-        weight = w_ref[tap].astype(jnp.float32)[None, :]
-        acc += _shifted_tile(x_ref, token_start, tap, grid_width, num_tokens, halo, token_block) * weight
-    return acc
-
-
 def _store_tokens(o_ref, token_start, num_tokens, tile):
     token_block = tile.shape[0]
     valid = token_start + lax.broadcasted_iota(jnp.int32, (token_block,), 0) < num_tokens
     plgpu.store(o_ref.at[pl.ds(token_start, token_block), :], tile.astype(o_ref.dtype), mask=valid[:, None])
 
 
-def _forward_kernel(x_ref, w_ref, b_ref, y_ref, *, token_block, **grid):
-    token_start = pl.program_id(1) * token_block
-    y = _conv_tile(x_ref, w_ref, token_start, **grid, token_block=token_block)
-    _store_tokens(y_ref, token_start, grid["num_tokens"], y + b_ref[...].astype(jnp.float32)[None, :])
+def _forward_kernel(x_ref, w_ref, b_ref, y_ref, *, token_block, steps, **grid):
+    weights = [w_ref[tap].astype(jnp.float32)[None, :] for tap in range(len(_TAPS))]
+    bias = b_ref[...].astype(jnp.float32)[None, :]
+    first_tile = pl.program_id(1) * steps  # read outside the loop: interpret mode substitutes it only there
+
+    def step(i, carry):
+        token_start = (first_tile + i) * token_block
+        y = sum(_shifted_tile(x_ref, token_start, tap, **grid, token_block=token_block) * weights[tap]
+                for tap in range(len(_TAPS)))
+        _store_tokens(y_ref, token_start, grid["num_tokens"], y + bias)
+        return carry
+
+    lax.fori_loop(0, steps, step, 0)
 
 
-def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, token_block, **grid):
-    token_start = pl.program_id(1) * token_block
-    tile = functools.partial(_shifted_tile, token_start=token_start, **grid, token_block=token_block)
-    x = tile(x_ref, tap=_CENTER)  # zero past the end
-    dx = jnp.zeros_like(x)
-    for tap in range(len(_TAPS)):
-        dy = tile(dy_ref, tap=tap)  # dy at s + (dr, dc), zero where that is outside the grid
-        dx += dy * w_rotated_ref[tap].astype(jnp.float32)[None, :]
-        # Filter tap (-dr, -dc) pairs x[s] with dy[s + (dr, dc)]: the tile dx just used (module docstring).
-        partials_ref[len(_TAPS) - 1 - tap] = jnp.sum(x * dy, axis=0)
-        if tap == _CENTER:
-            partials_ref[len(_TAPS)] = jnp.sum(dy, axis=0)
-    _store_tokens(dx_ref, token_start, grid["num_tokens"], dx)
+def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, token_block, steps, **grid):
+    weights = [w_rotated_ref[tap].astype(jnp.float32)[None, :] for tap in range(len(_TAPS))]
+    first_tile = pl.program_id(1) * steps
+
+    def step(i, sums):
+        token_start = (first_tile + i) * token_block
+        tile = functools.partial(_shifted_tile, token_start=token_start, **grid, token_block=token_block)
+        x = tile(x_ref, tap=_CENTER)  # zero past the end
+        dx, sums = jnp.zeros_like(x), list(sums)
+        for tap in range(len(_TAPS)):
+            dy = tile(dy_ref, tap=tap)  # dy at s + (dr, dc), zero where that is outside the grid
+            dx += dy * weights[tap]
+            # Filter tap (-dr, -dc) pairs x[s] with dy[s + (dr, dc)]: the tile dx just used (module docstring).
+            sums[len(_TAPS) - 1 - tap] += x * dy
+            if tap == _CENTER:
+                sums[len(_TAPS)] += dy
+        _store_tokens(dx_ref, token_start, grid["num_tokens"], dx)
+        return tuple(sums)
+
+    zeros = jnp.zeros((token_block, x_ref.shape[-1]), jnp.float32)
+    sums = lax.fori_loop(0, steps, step, (zeros,) * (len(_TAPS) + 1))
+    for index, products in enumerate(sums):
+        partials_ref[index] = jnp.sum(products, axis=0)
 
 
 def _call(kernel, inputs, out_shape, grid_width, num_tokens, interpret, name, tiles: Tiles):
@@ -172,7 +190,7 @@ def _call(kernel, inputs, out_shape, grid_width, num_tokens, interpret, name, ti
     then [9, D] filters / [D] vectors; outputs are [N, T, D] sequences or [N, token blocks, 10, D] partials."""
     n, _, d = inputs[0].shape
     block = _channel_block(d, tiles.channels)
-    token_blocks = pl.cdiv(num_tokens, tiles.tokens)
+    token_blocks = pl.cdiv(num_tokens, tiles.tokens * tiles.steps)
 
     def spec(shape):
         if len(shape) == 3:  # a whole sequence per (batch element, channel block)
@@ -183,10 +201,10 @@ def _call(kernel, inputs, out_shape, grid_width, num_tokens, interpret, name, ti
 
     return pl.pallas_call(
         functools.partial(kernel, grid_width=grid_width, num_tokens=num_tokens,
-                          halo=_halo_rows(grid_width, interpret), token_block=tiles.tokens),
+                          halo=_halo_rows(grid_width, interpret), token_block=tiles.tokens, steps=tiles.steps),
         grid=(n, token_blocks, d // block), in_specs=[spec(x.shape) for x in inputs],
         out_specs=[spec(o.shape) for o in out_shape], out_shape=out_shape, interpret=interpret,
-        name=f"{name}_t{tiles.tokens}_c{block}_w{tiles.num_warps}",
+        name=f"{name}_t{tiles.tokens}_c{block}_w{tiles.num_warps}_s{tiles.steps}",
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=1),
     )(*inputs)
 
@@ -203,7 +221,8 @@ def _backward(x, dy, rotated_filters, *, grid_width, num_tokens, interpret, tile
     """(dx [N, T, D], filter and bias gradient partials [N, token blocks, 10, D] float32); x, dy with their halo."""
     n, _, d = x.shape
     out_shape = [jax.ShapeDtypeStruct((n, num_tokens, d), x.dtype),
-                 jax.ShapeDtypeStruct((n, pl.cdiv(num_tokens, tiles.tokens), len(_TAPS) + 1, d), jnp.float32)]
+                 jax.ShapeDtypeStruct((n, pl.cdiv(num_tokens, tiles.tokens * tiles.steps), len(_TAPS) + 1, d),
+                                      jnp.float32)]
     return _call(_backward_kernel, [x, dy, rotated_filters], out_shape, grid_width, num_tokens,
                  interpret, "depthwise_conv3x3_backward", tiles)
 
@@ -243,6 +262,8 @@ def conv_pallas(x, kernel, bias, *, grid_width, interpret=False, forward_tiles: 
     for name, tiles in (("forward_tiles", forward_tiles), ("backward_tiles", backward_tiles)):
         if tiles.tokens < 1 or tiles.tokens & (tiles.tokens - 1) or tiles.channels < _CHANNEL_BLOCKS[-1]:
             raise ValueError(f"{name}={tiles} needs tokens a power of two and channels >= {_CHANNEL_BLOCKS[-1]}")
+        if tiles.steps < 1:
+            raise ValueError(f"{name}={tiles} needs steps >= 1")
     return _conv_pallas(x, kernel, bias, grid_width, interpret, (forward_tiles, backward_tiles))
 
 

@@ -50,9 +50,12 @@ def test_matches_grouped_conv_with_gradients(impl, batch, height, width, channel
 
 
 @pytest.mark.parametrize("forward_tiles,backward_tiles", [(Tiles(16, 32, 1), Tiles(128, 16, 8)),
-                                                          (Tiles(32, 64, 2), Tiles(8, 128, 4))])
+                                                          (Tiles(32, 64, 2), Tiles(8, 128, 4)),
+                                                          (Tiles(8, 16, 2, steps=3), Tiles(8, 32, 4, steps=4)),
+                                                          (Tiles(16, 64, 4, steps=8), Tiles(16, 64, 4, steps=8))])
 def test_every_tiling_gives_the_same_values_and_gradients(forward_tiles, backward_tiles):
-    """Token blocks smaller and larger than a grid row and than T, channel blocks smaller than D."""
+    """Token blocks smaller and larger than a grid row and than T, channel blocks smaller than D; several token
+    tiles per program, the last program's partly and wholly past the end of the sequence (T = 99)."""
     args = _inputs(3, 2, 9, 11, 64)
     conv = functools.partial(interpreted, forward_tiles=forward_tiles, backward_tiles=backward_tiles)
     expected = _value_and_grads(conv_reference, *args, 11)
@@ -111,4 +114,6 @@ def test_bad_arguments_are_named():
         conv_pallas(x, kernel, bias, grid_width=4, backward_tiles=Tiles(tokens=48))
     with pytest.raises(ValueError, match="forward_tiles=.*channels >= 16"):
         conv_pallas(x, kernel, bias, grid_width=4, forward_tiles=Tiles(channels=8))
+    with pytest.raises(ValueError, match="backward_tiles=.*steps >= 1"):
+        conv_pallas(x, kernel, bias, grid_width=4, backward_tiles=Tiles(steps=0))
     assert resolve_impl("auto", 16) == "shifted"  # CPU

@@ -94,15 +94,16 @@ def test_conv_tiles_sweep_counts_each_kernel_for_the_tiles_that_ran_it():
         return {"ph": "X", "name": name, "ts": ts, "dur": dur}
 
     events = [kernel("loop_reverse_fusion", 0, 1.0),  # before any conv kernel: nobody's
-              kernel("depthwise_conv3x3_t64_c128_w4", 10, 5.0),
-              kernel("depthwise_conv3x3_backward_t64_c128_w4", 20, 9.0),
+              kernel("depthwise_conv3x3_t64_c128_w4_s1", 10, 5.0),
+              kernel("depthwise_conv3x3_backward_t64_c128_w4_s1", 20, 9.0),
               kernel("input_reduce_fusion", 30, 2.0),
-              kernel("depthwise_conv3x3_t16_c64_w2", 40, 3.0),
-              kernel("depthwise_conv3x3_backward_t16_c64_w2", 50, 7.0),
+              kernel("depthwise_conv3x3_t16_c64_w2_s8", 40, 3.0),
+              kernel("depthwise_conv3x3_backward_t16_c64_w2_s8", 50, 7.0),
               kernel("input_reduce_fusion", 60, 4.0),
-              kernel("depthwise_conv3x3_backward_t64_c128_w4", 15, 1.0)]  # out of order: sorted by time
+              kernel("depthwise_conv3x3_backward_t64_c128_w4_s1", 15, 1.0)]  # out of order: sorted by time
     totals = depthwise_conv_tiles.device_us_by_tiles(events)
-    assert totals == {Tiles(64, 128, 4): {"forward_us": 5.0, "backward_us": 10.0, "xla_us": 2.0},
-                      Tiles(16, 64, 2): {"forward_us": 3.0, "backward_us": 7.0, "xla_us": 4.0}}
-    assert all(4 <= t.tokens * t.channels // (32 * t.num_warps) <= 64 and 1152 % t.channels == 0
+    assert totals == {Tiles(64, 128, 4, 1): {"forward_us": 5.0, "backward_us": 10.0, "xla_us": 2.0},
+                      Tiles(16, 64, 2, 8): {"forward_us": 3.0, "backward_us": 7.0, "xla_us": 4.0}}
+    assert all(4 <= t.tokens * t.channels // (32 * t.num_warps) <= (64 if t.steps == 1 else 16)
+               and 1152 % t.channels == 0
                for t in depthwise_conv_tiles.candidates(1152))
