@@ -27,11 +27,11 @@ def main():
             return jnp.mean(jnp.square(nnx.merge(graphdef, p, rest)(x, t, y)))
 
         value, grads = jax.jit(jax.value_and_grad(loss))(params)
-        results[impl] = (value, grads["blocks"][0]["attn"]["q_proj"]["kernel"])
+        results[impl] = (value, grads["blocks"][0]["attn"]["in_proj"]["kernel"])
     (value, grad), (ref_value, ref_grad) = results["auto"], results["xla"]
     grad_err = float(jnp.linalg.norm(grad - ref_grad) / jnp.linalg.norm(ref_grad))
     print(f"auto resolves to {resolve_impl('auto')!r} on {jax.devices()[0].device_kind}; loss {float(value):.6f} "
-          f"vs xla {float(ref_value):.6f}; first block q_proj grad rel err {grad_err:.2e}")
+          f"vs xla {float(ref_value):.6f}; first block in_proj grad rel err {grad_err:.2e}")
     assert resolve_impl("auto") == "pallas" and abs(float(value) / float(ref_value) - 1) < 1e-2 and grad_err < 5e-2
 
 

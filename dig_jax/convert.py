@@ -5,7 +5,9 @@
     save_torch_checkpoint(model, "exported.safetensors")   # back to the official names and layouts
 
 Our models keep tokens in raster order and apply each block's scan order inside the block, so every official
-tensor maps to exactly one parameter; only layouts differ:
+tensor maps to exactly one parameter, or to one column block of a parameter that fuses several official Linears
+(DiG's GLA `in_proj` = the kernels of q_proj, k_proj, v_proj, g_proj and gk_proj.0 side by side); only layouts
+differ:
   - Linear weight [out, in] <-> kernel [in, out];
   - Conv2d weight OIHW <-> kernel HWIO (patch conv [D, C, p, p] <-> [p, p, C, D], depthwise [D, 1, 3, 3] <->
     [3, 3, 1, D]); both frameworks compute cross-correlation, so kernels are transposed, never flipped;
@@ -36,7 +38,7 @@ import safetensors.numpy
 from flax import nnx
 
 from dig_jax.models import create_model
-from dig_jax.models.dig import DiGConfig
+from dig_jax.models.dig import DiGConfig, gla_input_widths
 from dig_jax.models.dit import DiTConfig
 
 POS_EMBED_KEY = "pos_embed"
@@ -72,10 +74,20 @@ CONV = Layout((2, 3, 1, 0))   # OIHW -> HWIO
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One official tensor and the parameter it fills."""
+    """One official tensor and the parameter (or the parameter's column block) it fills."""
     torch_key: str
     path: tuple[str | int, ...]  # nnx path of the Param
     layout: Layout
+    columns: tuple[int, int] | None = None  # [start, stop) of the Param's last axis; None: the whole Param
+
+    def part(self, array):
+        """The piece of the Param's value this tensor fills."""
+        return array if self.columns is None else array[..., self.columns[0]:self.columns[1]]
+
+    def part_shape(self, param_shape) -> tuple[int, ...]:
+        if self.columns is None:
+            return tuple(param_shape)
+        return (*param_shape[:-1], self.columns[1] - self.columns[0])
 
 
 def _linear(torch_prefix: str, path: tuple, *, bias: bool = True) -> list[Entry]:
@@ -104,10 +116,11 @@ def _final_layer_entries() -> list[Entry]:
 def _dig_block_entries(config: DiGConfig, index: int) -> list[Entry]:
     torch_block, block = f"blocks.{index}", ("blocks", index)
     attn = (*block, "attn")
+    in_proj_parts = ("q_proj", "k_proj", "v_proj", "g_proj", "gk_proj.0")  # in gla_input_widths' order
+    starts = np.cumsum((0, *gla_input_widths(config.hidden_size)))
     entries = [
-        *[entry for name in ("q_proj", "k_proj", "v_proj", "g_proj")
-          for entry in _linear(f"{torch_block}.attn.{name}", (*attn, name), bias=False)],
-        *_linear(f"{torch_block}.attn.gk_proj.0", (*attn, "gk_proj_down"), bias=False),
+        *[Entry(f"{torch_block}.attn.{name}.weight", (*attn, "in_proj", "kernel"), LINEAR, (int(start), int(stop)))
+          for name, start, stop in zip(in_proj_parts, starts, starts[1:])],
         *_linear(f"{torch_block}.attn.gk_proj.1", (*attn, "gk_proj_up")),
         *_linear(f"{torch_block}.attn.o_proj", (*attn, "o_proj"), bias=False),
         Entry(f"{torch_block}.attn.g_norm_swish_gate.weight", (*attn, "g_norm_weight"), SAME),
@@ -148,15 +161,33 @@ def weight_table(config) -> list[Entry]:
 
 
 def _model_params(model: nnx.Module, table: list[Entry]) -> dict[tuple, nnx.Variable]:
-    """The model's Params by nnx path; the table must name each of them exactly once."""
+    """The model's Params by nnx path; the table must fill each of them exactly once (whole, or by column blocks
+    that tile its last axis)."""
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    table_paths = [entry.path for entry in table]
-    unnamed, unknown = sorted(set(params) - set(table_paths), key=str), sorted(set(table_paths) - set(params), key=str)
-    if unnamed or unknown or len(set(table_paths)) != len(table_paths):
+    by_path = _entries_by_path(table)
+    unnamed, unknown = sorted(set(params) - set(by_path), key=str), sorted(set(by_path) - set(params), key=str)
+    untiled = sorted((path for path, entries in by_path.items() if path in params
+                      and not _tiles(entries, params[path].get_value().shape)), key=str)
+    if unnamed or unknown or untiled:
         raise ValueError(f"the conversion table of {type(model).__name__} does not match the model: parameters "
                          f"without an official name {_listing(unnamed)}; table paths without a parameter "
-                         f"{_listing(unknown)}")
+                         f"{_listing(unknown)}; parameters not filled exactly once {_listing(untiled)}")
     return params
+
+
+def _entries_by_path(table: list[Entry]) -> dict[tuple, list[Entry]]:
+    """Entries per Param path, column blocks in column order."""
+    by_path = {}
+    for entry in table:
+        by_path.setdefault(entry.path, []).append(entry)
+    return {path: sorted(entries, key=lambda e: e.columns or (0, 0)) for path, entries in by_path.items()}
+
+
+def _tiles(entries: list[Entry], shape) -> bool:
+    if len(entries) == 1 and entries[0].columns is None:
+        return True
+    edges = [0] + [edge for entry in entries for edge in (entry.columns or (-1, -1))] + [shape[-1]]
+    return all(a == b for a, b in zip(edges[::2], edges[1::2]))
 
 
 def torch_key_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
@@ -167,7 +198,7 @@ def torch_key_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 def _torch_shapes(model: nnx.Module, table: list[Entry], params: dict) -> dict[str, tuple[int, ...]]:
     shapes = {POS_EMBED_KEY: (1, *model.pos_embed.get_value().shape)}
-    shapes.update({entry.torch_key: entry.layout.torch_shape(params[entry.path].get_value().shape)
+    shapes.update({entry.torch_key: entry.layout.torch_shape(entry.part_shape(params[entry.path].get_value().shape))
                    for entry in table})
     return shapes
 
@@ -178,7 +209,7 @@ def export_torch_weights(model: nnx.Module) -> dict[str, np.ndarray]:
     params = _model_params(model, table)
     # np.array copies: the arrays are writable and independent of the model (torch.from_numpy wants that)
     weights = {POS_EMBED_KEY: np.array(model.pos_embed.get_value())[None]}
-    weights.update({entry.torch_key: entry.layout.to_torch(np.array(params[entry.path].get_value()))
+    weights.update({entry.torch_key: entry.layout.to_torch(np.array(entry.part(params[entry.path].get_value())))
                     for entry in table})
     return weights
 
@@ -195,8 +226,9 @@ def import_torch_weights(model: nnx.Module, state_dict: Mapping) -> nnx.Module:
     tensors = {name: _to_numpy(value) for name, value in state_dict.items()}
     _check_names_and_shapes(_torch_shapes(model, table, params), tensors, source="PyTorch state dict", model=model)
     _check_pos_embed(model, tensors[POS_EMBED_KEY])
-    updates = {entry.path: _like(entry.layout.to_flax(tensors[entry.torch_key]), params[entry.path])
-               for entry in table}
+    updates = {path: _like(np.concatenate([e.layout.to_flax(tensors[e.torch_key]) for e in entries], axis=-1),
+                           params[path])
+               for path, entries in _entries_by_path(table).items()}
     nnx.update(model, nnx.from_flat_state(updates))
     return model
 
@@ -239,8 +271,8 @@ def _describe(config) -> str:
             f"input_size={config.input_size}")
 
 
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:_LISTED_NAMES])
+def _listing(names: list) -> str:
+    shown = ", ".join(str(name) for name in names[:_LISTED_NAMES])
     more = f", ... ({len(names) - _LISTED_NAMES} more)" if len(names) > _LISTED_NAMES else ""
     return f"[{shown}{more}]"
 

@@ -23,6 +23,7 @@ from dig_jax.convert import (
     torch_key_shapes,
 )
 from dig_jax.models import create_model
+from dig_jax.models.dig import DiGConfig
 
 TINY = {
     "DiG": ("DiG-S/2", dict(input_size=8, depth=4, hidden_size=64, num_heads=2, gla_impl="xla")),
@@ -161,7 +162,11 @@ def test_layouts_transpose_linear_and_conv_weights():
     state = random_official_state(model)
     import_torch_weights(model, state)
     block = model.blocks[1]
-    np.testing.assert_array_equal(block.attn.q_proj.kernel[...], state["blocks.1.attn.q_proj.weight"].T)
+    in_proj = block.attn.in_proj.kernel[...]  # [D, K | K | V | V | 16]: the five kernels side by side
+    k, d = state["blocks.1.attn.q_proj.weight"].shape
+    np.testing.assert_array_equal(in_proj[:, :k], state["blocks.1.attn.q_proj.weight"].T)
+    np.testing.assert_array_equal(in_proj[:, 2 * k:2 * k + d], state["blocks.1.attn.v_proj.weight"].T)
+    np.testing.assert_array_equal(in_proj[:, -16:], state["blocks.1.attn.gk_proj.0.weight"].T)
     gate_proj = state["blocks.1.mlp.gate_proj.weight"]  # rows [gate; value] -> kernel columns [gate | value]
     np.testing.assert_array_equal(block.mlp.gate_proj.kernel[...], np.concatenate(np.split(gate_proj, 2), 0).T)
     dw = state["blocks.1.dw_conv.weight"]  # [D, 1, 3, 3]: out d, tap (r, c) -> kernel[r, c, 0, d]
@@ -189,6 +194,15 @@ def test_mismatches_raise_value_errors_that_name_them():
         import_torch_weights(model, other_size)
     with pytest.raises(ValueError, match=r"missing keys \[.*blocks\.0\.attn\.q_proj\.weight"):
         import_torch_weights(model, export_torch_weights(tiny_model("DiT")))
+
+
+def test_a_table_that_leaves_part_of_a_fused_parameter_unfilled_is_rejected(monkeypatch):
+    """The table's column blocks must tile each fused parameter: one without k_proj leaves a gap in in_proj."""
+    dig_entries = convert._BLOCK_ENTRIES[DiGConfig]
+    monkeypatch.setitem(convert._BLOCK_ENTRIES, DiGConfig, lambda config, index: [
+        entry for entry in dig_entries(config, index) if not entry.torch_key.endswith("attn.k_proj.weight")])
+    with pytest.raises(ValueError, match=r"not filled exactly once \[\('blocks', 0, 'attn', 'in_proj', 'kernel'\)"):
+        export_torch_weights(tiny_model("DiG"))
 
 
 def test_training_checkpoint_picks_ema_unless_told_and_strips_module_prefix():

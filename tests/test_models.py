@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from dig_jax.models import MODELS, count_params, create_model
-from dig_jax.models.dig import ScanOrder, log_forget_gate, permute_tokens, swiglu
+from dig_jax.models.dig import GLA_INIT_GAIN, ScanOrder, gla_input_widths, log_forget_gate, permute_tokens, swiglu
 from dig_jax.models.layers import layer_norm, modulate, sincos_2d
 
 # Spec section 1: official counts, fixed pos_embed included, input 32, 1000 classes, learn_sigma.
@@ -34,6 +34,21 @@ def test_parameter_count_equals_official(name):
     assert count_params(model) == OFFICIAL_PARAM_COUNTS[name]
     if name in TRAINABLE_PARAM_COUNTS:
         assert count_params(model, include_fixed=False) == TRAINABLE_PARAM_COUNTS[name]
+
+
+def test_fused_gla_input_projection_initialises_each_official_kernel_with_its_own_fan():
+    """in_proj [D, K | K | V | V | 16]: each block xavier-uniform with gain 2^-2.5 over (D, its width), as the five
+    official Linears are."""
+    model = create_model("DiG-S/2", rngs=nnx.Rngs(0))
+    kernel = np.asarray(model.blocks[0].attn.in_proj.kernel[...])
+    d = kernel.shape[0]
+    widths = gla_input_widths(d)
+    assert kernel.shape[1] == sum(widths)
+    blocks = np.split(kernel, np.cumsum(widths[:-1]), axis=1)
+    for width, block in zip(widths, blocks):
+        bound = GLA_INIT_GAIN * np.sqrt(6 / (d + width))
+        assert np.abs(block).max() <= bound and np.abs(block).max() > 0.95 * bound, width
+    assert not np.allclose(blocks[0], blocks[1])  # q and k draw their own keys
 
 
 def test_registry_names():

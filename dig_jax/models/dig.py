@@ -35,6 +35,7 @@ from dig_jax.models.layers import (
     BackboneConfig,
     ConditionedBackbone,
     check_choice,
+    column_blocks_init,
     layer_norm,
     linear,
     modulate,
@@ -106,6 +107,12 @@ class DiGConfig(BackboneConfig):
         check_choice("conv_impl", self.conv_impl, ("auto", *CONV_IMPLS))
 
 
+def gla_input_widths(hidden_size: int) -> tuple[int, ...]:
+    """Column blocks of the GLA's fused input projection `in_proj` [D, 2K + 2V + 16]: fla's q, k, v, g and
+    low-rank forget-gate-down projections of x, in that order (K = D/2, V = D)."""
+    return (hidden_size // 2,) * 2 + (hidden_size,) * 2 + (GATE_LOW_RANK,)
+
+
 class GatedLinearAttention(nnx.Module):
     """fla's GatedLinearAttention as DiG configures it: K = D/2, V = D, low-rank forget gate, RMSNorm-swish gate."""
 
@@ -119,14 +126,11 @@ class GatedLinearAttention(nnx.Module):
         self.gate_impl = "xla" if gla_impl in ("xla", "reference") else "auto"
         self.sequence_axis = sequence_axis
         init = scaled_xavier_uniform(GLA_INIT_GAIN)
-        proj = dict(rngs=rngs, dtype=dtype, use_bias=False, kernel_init=init)
-        self.q_proj = linear(hidden_size, key_dim, **proj)
-        self.k_proj = linear(hidden_size, key_dim, **proj)
-        self.v_proj = linear(hidden_size, value_dim, **proj)
-        self.g_proj = linear(hidden_size, value_dim, **proj)
-        self.gk_proj_down = linear(hidden_size, GATE_LOW_RANK, **proj)
+        self.input_widths = gla_input_widths(hidden_size)
+        self.in_proj = linear(hidden_size, sum(self.input_widths), rngs=rngs, dtype=dtype, use_bias=False,
+                              kernel_init=column_blocks_init(init, self.input_widths))
         self.gk_proj_up = linear(GATE_LOW_RANK, key_dim, rngs=rngs, dtype=dtype, kernel_init=init)
-        self.o_proj = linear(value_dim, hidden_size, **proj)
+        self.o_proj = linear(value_dim, hidden_size, rngs=rngs, dtype=dtype, use_bias=False, kernel_init=init)
         self.g_norm_weight = nnx.Param(jnp.ones((value_dim // num_heads,), jnp.float32))
 
     def _heads(self, x):
@@ -135,18 +139,15 @@ class GatedLinearAttention(nnx.Module):
     def project_input(self, x):
         """x [N, T, D] -> q, k [N, T, H, K/H], v, g [N, T, H, V/H] and log_forget [N, T, H, K/H] (float32).
 
-        The five projections of x run as one matmul with the kernels side by side: x is read once and its gradient
-        is one matmul instead of a sum of five: fewer, larger kernels in a step made of many small ones (DiG-S/2).
+        The five projections of x are one Linear (`in_proj`, the official kernels side by side): x is read once,
+        its gradient is one matmul instead of a sum of five, and the optimizer updates one array instead of five:
+        fewer, larger kernels in a step made of many small ones (DiG-S/2).
         The five parts leave the matmul's output as separate arrays (the barrier): otherwise XLA:GPU lets the output
         gate's backward read g out of the whole [N, T, 3 D + 16] product, keeping it alive from the forward to the
         backward pass next to the copies of q, k and v the GLA kernels keep (DiG-S/2 step, H200, 2026-12-03).
         """
-        layers = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_proj_down)
-        kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
-        x, kernel = self.q_proj.promote_dtype((x, kernel), dtype=self.q_proj.dtype, inexact=True)  # as nnx.Linear
-        projected = jnp.dot(x, kernel, precision=self.q_proj.precision)
-        q, k, v, g, gate_code = lax.optimization_barrier(
-            tuple(jnp.split(projected, np.cumsum([layer.out_features for layer in layers[:-1]]), -1)))
+        parts = jnp.split(self.in_proj(x), np.cumsum(self.input_widths[:-1]), axis=-1)
+        q, k, v, g, gate_code = lax.optimization_barrier(tuple(parts))
         log_forget = log_forget_gate(self.gk_proj_up(gate_code).astype(jnp.float32))
         return self._heads(q), self._heads(k), self._heads(v), self._heads(g), self._heads(log_forget)
 

@@ -26,6 +26,17 @@ def scaled_xavier_uniform(gain: float, in_axis=-2, out_axis=-1):
     return nnx.initializers.variance_scaling(gain ** 2, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis)
 
 
+def column_blocks_init(init, widths):
+    """Kernel [in, sum(widths)] of several Linears side by side: each column block gets `init` as a kernel
+    [in, width] of its own (its own fan_out) and its own random key."""
+    def initialize(key, shape, dtype=jnp.float32):
+        if shape[-1] != sum(widths):
+            raise ValueError(f"kernel shape {shape} must have sum(widths)={sum(widths)} columns")
+        keys = jax.random.split(key, len(widths))
+        return jnp.concatenate([init(k, (*shape[:-1], width), dtype) for k, width in zip(keys, widths)], axis=-1)
+    return initialize
+
+
 def linear(in_features, out_features, *, rngs, dtype, use_bias=True, kernel_init=xavier_uniform):
     """nnx.Linear with the project's default init (xavier_uniform weight, zero bias)."""
     return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros,
