@@ -80,15 +80,18 @@ def test_split_dig_matches_unsplit_loss_and_gradients(seq, skip, remat):
 
 def test_split_dig_in_bfloat16_is_as_close_to_float32_as_unsplit():
     """bfloat16 activations cross the devices (halo rows, all-to-all): the split model's loss and gradients are
-    as close to the float32 model's as the unsplit bfloat16 model's are (bfloat16 rounding through four random
-    blocks alone moves gradients by up to ~15%)."""
+    as close to the float32 model's as the unsplit bfloat16 model's are. bfloat16 rounding through four random
+    blocks alone moves all gradients together by 2-5%, and single small leaves (a bias of 32) by up to 20%, by an
+    amount that changes 2x from one random model to the next: hence the error of all gradients together."""
     f32_loss, f32_grads = unsplit_loss_and_grads(False, None)
     bf16_loss, bf16_grads = unsplit_loss_and_grads(False, "bfloat16")
     with jax.set_mesh(make_mesh(data=2, fsdp=1, seq=4)):
         loss, grads = loss_and_grads(*small_dig(dtype="bfloat16"), random_batch(2))
 
-    def worst_error(grads):
-        return max(jax.tree.leaves(jax.tree.map(rms_rel_err, grads, f32_grads)))
+    def all_gradients_error(grads):
+        def flat(tree):
+            return jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(tree)])
+        return rms_rel_err(flat(grads), flat(f32_grads))
 
-    assert worst_error(grads) < 1.5 * worst_error(bf16_grads)
+    assert all_gradients_error(grads) < 1.5 * all_gradients_error(bf16_grads)
     assert abs(float(loss) - float(f32_loss)) < 2 * abs(float(bf16_loss) - float(f32_loss)) + 1e-4 * float(f32_loss)
