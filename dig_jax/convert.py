@@ -184,10 +184,10 @@ def _entries_by_path(table: list[Entry]) -> dict[tuple, list[Entry]]:
 
 
 def _tiles(entries: list[Entry], shape) -> bool:
-    if len(entries) == 1 and entries[0].columns is None:
-        return True
-    edges = [0] + [edge for entry in entries for edge in (entry.columns or (-1, -1))] + [shape[-1]]
-    return all(a == b for a, b in zip(edges[::2], edges[1::2]))
+    """Whether the entries' column spans (a whole-Param entry spans all columns), in order, cover [0, last) once."""
+    spans = [entry.columns or (0, shape[-1]) for entry in entries]
+    ends = [0, *(edge for span in spans for edge in span), shape[-1]]
+    return all(stop == start for stop, start in zip(ends[::2], ends[1::2]))
 
 
 def torch_key_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
