@@ -10,7 +10,7 @@ from flax import nnx
 
 from dig_jax.models import MODELS, count_params, create_model
 from dig_jax.models.dig import GLA_INIT_GAIN, ScanOrder, gla_input_widths, log_forget_gate, permute_tokens, swiglu
-from dig_jax.models.layers import layer_norm, modulate, sincos_2d
+from dig_jax.models.layers import column_blocks_init, layer_norm, modulate, scaled_xavier_uniform, sincos_2d
 
 # Spec section 1: official counts, fixed pos_embed included, input 32, 1000 classes, learn_sigma.
 OFFICIAL_PARAM_COUNTS = {
@@ -49,6 +49,8 @@ def test_fused_gla_input_projection_initialises_each_official_kernel_with_its_ow
         bound = GLA_INIT_GAIN * np.sqrt(6 / (d + width))
         assert np.abs(block).max() <= bound and np.abs(block).max() > 0.95 * bound, width
     assert not np.allclose(blocks[0], blocks[1])  # q and k draw their own keys
+    with pytest.raises(ValueError, match=r"kernel shape \(384, 100\) must have sum\(widths\)=1168 columns"):
+        column_blocks_init(scaled_xavier_uniform(GLA_INIT_GAIN), widths)(jax.random.key(0), (384, 100))
 
 
 def test_registry_names():
