@@ -11,22 +11,24 @@ fastest over all shapes (sum of each shape's time relative to that shape's faste
 """
 
 import argparse
-import collections
 import functools
 import itertools
-import json
 import re
-import tempfile
 
 import jax
 import jax.numpy as jnp
 from depthwise_conv import SHAPES, inputs, value_and_grads
-from kernel_trace import kernel_events
 from results import report, worst_relative_error
+from tiles_sweep import print_best_tiles, trace_candidates
 
 from pallas_kernels.depthwise_conv import Tiles, conv_pallas, conv_reference
 
-_KERNEL = re.compile(r"^depthwise_conv3x3(_backward)?_t(\d+)_c(\d+)_w(\d+)_s(\d+)")
+KERNEL_NAME = re.compile(r"^depthwise_conv3x3(_backward)?_t(\d+)_c(\d+)_w(\d+)_s(\d+)")
+
+
+def tiles_of(match) -> Tiles:
+    """The tiles a KERNEL_NAME match carries."""
+    return Tiles(*map(int, match.groups()[1:]))
 
 
 def candidates(channels: int) -> list[Tiles]:
@@ -45,20 +47,6 @@ def candidates(channels: int) -> list[Tiles]:
     return tiles
 
 
-def device_us_by_tiles(kernels: list[dict]) -> dict[Tiles, collections.Counter]:
-    """Kernel events -> microseconds per Tiles: "forward_us", "backward_us", and "xla_us" for other kernels, each
-    counted for the tiles of the conv kernel that ran last before it (none before the first conv kernel)."""
-    totals, current = collections.defaultdict(collections.Counter), None
-    for event in sorted(kernels, key=lambda e: e["ts"]):
-        match = _KERNEL.match(event["name"])
-        if match:
-            current = Tiles(*(int(group) for group in match.groups()[1:]))
-            totals[current]["backward_us" if match[1] else "forward_us"] += event.get("dur", 0.0)
-        elif current is not None:
-            totals[current]["xla_us"] += event.get("dur", 0.0)
-    return dict(totals)
-
-
 def sweep(shape, calls: int) -> list[dict]:
     n, grid, d = shape
     sets = [inputs(jax.random.key(i), n, grid, d, jnp.bfloat16) for i in range(4)]
@@ -74,18 +62,9 @@ def sweep(shape, calls: int) -> list[dict]:
             print(f"{tiles}: {type(error).__name__}: {str(error)[:200]}")
             continue
         steps[tiles] = step
-    with tempfile.TemporaryDirectory() as log_dir:
-        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-            for step in steps.values():
-                jax.block_until_ready([step(*sets[i % len(sets)]) for i in range(calls)])
-        totals = device_us_by_tiles(kernel_events(log_dir))
-    rows = []
-    for tiles in steps:  # candidates' channel blocks divide D: the kernel names carry them as they are
-        if tiles not in totals:
-            raise RuntimeError(f"no kernels of {tiles} in the trace")
-        rows.append({"tiles": list(tiles), "error": errors[tiles],
-                     **{key: value / calls for key, value in totals[tiles].items()}})
-    return rows
+    # Candidates' channel blocks divide D: the kernel names carry them as they are.
+    per_call = trace_candidates(steps, sets, calls, KERNEL_NAME, tiles_of)
+    return [{"tiles": list(tiles), "error": errors[tiles], **times} for tiles, times in per_call.items()]
 
 
 def main():
@@ -101,21 +80,7 @@ def main():
         by_shape[name] = sweep(SHAPES[name], args.calls)
         for row in by_shape[name]:
             report({"shape": name, **row, "device": jax.devices()[0].device_kind}, args.out)
-    best = {}
-    for direction, cost in (("forward", lambda r: r["forward_us"]),
-                            ("backward", lambda r: r["backward_us"] + r.get("xla_us", 0.0))):
-        relative, seen = collections.Counter(), collections.Counter()
-        for name, rows in by_shape.items():
-            fastest = min(cost(r) for r in rows)
-            print(f"\n{name} {direction}: fastest tiles (tokens, channels, warps, steps), us per call")
-            for r in sorted(rows, key=cost)[:5]:
-                print(f"  {tuple(r['tiles'])}  {cost(r):8.1f}  err {r['error']:.1e}")
-            for r in rows:
-                relative[tuple(r["tiles"])] += cost(r) / fastest
-                seen[tuple(r["tiles"])] += 1
-        everywhere = [tiles for tiles, count in seen.items() if count == len(by_shape)]
-        best[direction] = list(min(everywhere, key=relative.get))
-    print(json.dumps({"best_tiles": best}))
+    print_best_tiles(by_shape, "tokens, channels, warps, steps")
 
 
 if __name__ == "__main__":

@@ -23,27 +23,27 @@ SHAPES = {"S/256": (32, 256, 6, 64), "XL/256": (32, 256, 18, 64), "S/1792": (1, 
 EPS = 1e-6
 
 
-def _inputs(seed, shape, dtype):
+def inputs(seed, shape, dtype):
     keys = jax.random.split(jax.random.key(seed), 4)
     o, g, dz = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys[:3])
     return o, g, 1 + 0.1 * jax.random.normal(keys[3], shape[-1:]), dz
 
 
-def _value_and_grads(gate, o, g, weight, dz):
+def value_and_grads(gate, o, g, weight, dz):
     z, vjp = jax.vjp(lambda o, g, weight: gate(o, g, weight, EPS), o, g, weight)
     return (z, *vjp(dz))
 
 
 def accuracy(impl, shape, dtype):
     """Worst relative L2 error over (z, do, dg, dweight) against autodiff of the formula in float32."""
-    args = _inputs(sum(shape), shape, dtype)
-    ours = jax.jit(functools.partial(_value_and_grads, IMPLS[impl]))(*args)
-    exact = jax.jit(functools.partial(_value_and_grads, gate_reference))(*[a.astype(jnp.float32) for a in args])
+    args = inputs(sum(shape), shape, dtype)
+    ours = jax.jit(functools.partial(value_and_grads, IMPLS[impl]))(*args)
+    exact = jax.jit(functools.partial(value_and_grads, gate_reference))(*[a.astype(jnp.float32) for a in args])
     return worst_relative_error(ours, exact)
 
 
 def time_ms(impl, shape):
-    return time_calls(jax.jit(functools.partial(_value_and_grads, IMPLS[impl])), *_inputs(0, shape, jnp.bfloat16))
+    return time_calls(jax.jit(functools.partial(value_and_grads, IMPLS[impl])), *inputs(0, shape, jnp.bfloat16))
 
 
 def main():

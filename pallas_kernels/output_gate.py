@@ -14,12 +14,14 @@ Why a kernel: XLA:GPU splits the gate into a row reduction, an rsqrt and an elem
 fusions backward; in DiG-XL/2 at 256 px (H200) the gate cost 0.11-0.18 ms per block forward + backward, several
 times what moving its arrays through HBM takes (docs/benchmarks.md).
 
-Kernel layout: o, g [..., V] are read as rows [R, V]; each program owns `_row_block(V)` consecutive rows (R is
-zero-padded to a multiple when needed: a zero row gives z = 0 and, with dz = 0, no gradient).
+Kernel layout: o, g [..., V] are read as rows [R, V]; each program owns a block of consecutive rows (`Tiles`; R is
+zero-padded to a multiple when needed: a zero row gives z = 0 and, with dz = 0, no gradient). Kernel names carry
+their tiles (e.g. rms_norm_swish_gate_backward_e8192_w4), so that a profile tells them apart.
 """
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,21 @@ from pallas_kernels import dispatch
 from pallas_kernels.mesh import per_batch_shard
 
 _MIN_VALUE_DIM = 16  # rows of V elements: Triton tiles are powers of two, kept to at least 16 lanes
+_MIN_ROWS = 16
+
+
+class Tiles(NamedTuple):
+    """What one program of a gate kernel covers: `elements` / V rows (a power of two, at least 16), run by
+    `num_warps` warps."""
+    elements: int = 8192
+    num_warps: int = 4
+
+    def rows(self, value_dim: int) -> int:
+        return max(_MIN_ROWS, self.elements // value_dim)
+
+
+FORWARD_TILES = Tiles(8192, 4)
+BACKWARD_TILES = Tiles(8192, 4)
 
 
 def _check_inputs(o, g, weight):
@@ -87,11 +104,6 @@ gate_xla.defvjp(_xla_forward, _xla_backward)
 # "pallas": Triton kernels over blocks of rows.
 
 
-def _row_block(value_dim):
-    """Rows per program: tiles of ~8k elements, at least 16 rows."""
-    return max(16, min(128, 8192 // value_dim))
-
-
 def _forward_kernel(o_ref, g_ref, w_ref, z_ref, *, eps):
     o, g = o_ref[...].astype(jnp.float32), g_ref[...].astype(jnp.float32)
     inv_rms = lax.rsqrt(jnp.mean(o * o, axis=1, keepdims=True) + eps)
@@ -107,11 +119,11 @@ def _backward_kernel(o_ref, g_ref, dz_ref, w_ref, do_ref, dg_ref, dw_ref, *, eps
     dw_ref[...] = jnp.sum(d_weight_rows, axis=0)
 
 
-def _rows_call(kernel, rows, vectors, out_shapes, *, eps, interpret, name):
-    """pallas_call over row blocks: `rows` [R, V] arrays (R a multiple of the block), `vectors` [V] float32;
-    outputs: [R, V] arrays, or [programs, V] float32 per-program sums."""
+def _rows_call(kernel, rows, vectors, out_shapes, *, tiles, eps, interpret, name):
+    """pallas_call over row blocks of `tiles`: `rows` [R, V] arrays (R a multiple of the block), `vectors` [V]
+    float32; outputs: [R, V] arrays, or [programs, V] float32 per-program sums."""
     num_rows, value_dim = rows[0].shape
-    block = _row_block(value_dim)
+    block = tiles.rows(value_dim)
     row_spec = pl.BlockSpec((block, value_dim), lambda i: (i, 0))
     vector_spec = pl.BlockSpec((value_dim,), lambda i: (0,))
     program_spec = pl.BlockSpec((None, value_dim), lambda i: (i, 0))
@@ -119,52 +131,52 @@ def _rows_call(kernel, rows, vectors, out_shapes, *, eps, interpret, name):
         functools.partial(kernel, eps=eps), grid=(num_rows // block,),
         in_specs=[row_spec] * len(rows) + [vector_spec] * len(vectors),
         out_specs=[row_spec if shape.shape[0] == num_rows else program_spec for shape in out_shapes],
-        out_shape=out_shapes, interpret=interpret, name=name,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        out_shape=out_shapes, interpret=interpret, name=f"{name}_e{tiles.elements}_w{tiles.num_warps}",
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=1),
     )(*rows, *vectors)
 
 
-def _as_rows(x):
-    """[..., V] -> [R, V] with R padded up to a multiple of the row block."""
+def _as_rows(x, tiles):
+    """[..., V] -> [R, V] with R padded up to a multiple of the row block of `tiles`."""
     rows = x.reshape(-1, x.shape[-1])
-    padding = -rows.shape[0] % _row_block(x.shape[-1])
+    padding = -rows.shape[0] % tiles.rows(x.shape[-1])
     return jnp.pad(rows, ((0, padding), (0, 0))) if padding else rows
 
 
-def _pallas_forward_rows(o, g, weight, *, eps, interpret):
-    o_rows, g_rows = _as_rows(o), _as_rows(g)
+def _pallas_forward_rows(o, g, weight, *, tiles, eps, interpret):
+    o_rows, g_rows = _as_rows(o, tiles), _as_rows(g, tiles)
     (z,) = _rows_call(_forward_kernel, [o_rows, g_rows], [weight.astype(jnp.float32)],
-                      [jax.ShapeDtypeStruct(o_rows.shape, o.dtype)], eps=eps, interpret=interpret,
+                      [jax.ShapeDtypeStruct(o_rows.shape, o.dtype)], tiles=tiles, eps=eps, interpret=interpret,
                       name="rms_norm_swish_gate")
     return z[:math.prod(o.shape[:-1])].reshape(o.shape)
 
 
-def _pallas_backward_rows(o, g, dz, weight, *, eps, interpret):
-    o_rows, g_rows, dz_rows = _as_rows(o), _as_rows(g), _as_rows(dz)
-    programs = o_rows.shape[0] // _row_block(o.shape[-1])
+def _pallas_backward_rows(o, g, dz, weight, *, tiles, eps, interpret):
+    o_rows, g_rows, dz_rows = (_as_rows(x, tiles) for x in (o, g, dz))
+    programs = o_rows.shape[0] // tiles.rows(o.shape[-1])
     do, dg, d_weight = _rows_call(
         _backward_kernel, [o_rows, g_rows, dz_rows], [weight.astype(jnp.float32)],
         [jax.ShapeDtypeStruct(o_rows.shape, o.dtype), jax.ShapeDtypeStruct(g_rows.shape, g.dtype),
          jax.ShapeDtypeStruct((programs, o.shape[-1]), jnp.float32)],
-        eps=eps, interpret=interpret, name="rms_norm_swish_gate_backward")
+        tiles=tiles, eps=eps, interpret=interpret, name="rms_norm_swish_gate_backward")
     rows = math.prod(o.shape[:-1])
     # One [1, V] sum per batch shard: per_batch_shard stacks them along the batch axis.
     return do[:rows].reshape(o.shape), dg[:rows].reshape(g.shape), d_weight.sum(0, keepdims=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gate_pallas(o, g, weight, eps, interpret):
-    return _pallas_forward(o, g, weight, eps, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _gate_pallas(o, g, weight, eps, interpret, forward_tiles, backward_tiles):
+    return _pallas_forward(o, g, weight, eps, interpret, forward_tiles, backward_tiles)[0]
 
 
-def _pallas_forward(o, g, weight, eps, interpret):
-    forward = functools.partial(_pallas_forward_rows, eps=eps, interpret=interpret)
+def _pallas_forward(o, g, weight, eps, interpret, forward_tiles, backward_tiles):
+    forward = functools.partial(_pallas_forward_rows, tiles=forward_tiles, eps=eps, interpret=interpret)
     return per_batch_shard(forward, (o, g), (weight,)), (o, g, weight)
 
 
-def _pallas_backward(eps, interpret, residuals, dz):
+def _pallas_backward(eps, interpret, forward_tiles, backward_tiles, residuals, dz):
     o, g, weight = residuals
-    backward = functools.partial(_pallas_backward_rows, eps=eps, interpret=interpret)
+    backward = functools.partial(_pallas_backward_rows, tiles=backward_tiles, eps=eps, interpret=interpret)
     do, dg, d_weight = per_batch_shard(backward, (o, g, dz), (weight,))
     return do, dg, d_weight.sum(0).astype(weight.dtype)
 
@@ -176,14 +188,19 @@ def _kernel_fits(value_dim):
     return value_dim >= _MIN_VALUE_DIM and value_dim & (value_dim - 1) == 0
 
 
-def gate_pallas(o, g, weight, eps, *, interpret=False):
-    """The Triton kernels (interpret=True runs them on any backend)."""
+def gate_pallas(o, g, weight, eps, *, interpret=False, forward_tiles=FORWARD_TILES, backward_tiles=BACKWARD_TILES):
+    """The Triton kernels (interpret=True runs them on any backend), each over row blocks of its `Tiles`."""
     if not _kernel_fits(o.shape[-1]):
         raise ValueError(f"impl='pallas' needs V to be a power of two >= {_MIN_VALUE_DIM}, got V={o.shape[-1]}; "
                          "use impl='xla'")
     if o.ndim < 2:
         raise ValueError(f"impl='pallas' needs o as [N, ..., V] (batch first), got shape {o.shape}")
-    return _gate_pallas(o, g, weight, float(eps), bool(interpret))
+    for name, tiles in (("forward_tiles", forward_tiles), ("backward_tiles", backward_tiles)):
+        rows = tiles.rows(o.shape[-1])
+        if rows & (rows - 1) or tiles.num_warps < 1:
+            raise ValueError(f"{name}={tiles} must give a power-of-two number of rows for V={o.shape[-1]} and "
+                             "at least one warp")
+    return _gate_pallas(o, g, weight, float(eps), bool(interpret), forward_tiles, backward_tiles)
 
 
 IMPLS = {"xla": gate_xla, "pallas": gate_pallas}

@@ -87,6 +87,7 @@ def test_missing_trace_and_bad_calls_are_named(tmp_path):
 
 def test_conv_tiles_sweep_counts_each_kernel_for_the_tiles_that_ran_it():
     import depthwise_conv_tiles
+    import tiles_sweep
 
     from pallas_kernels.depthwise_conv import Tiles
 
@@ -101,7 +102,7 @@ def test_conv_tiles_sweep_counts_each_kernel_for_the_tiles_that_ran_it():
               kernel("depthwise_conv3x3_backward_t16_c64_w2_s8", 50, 7.0),
               kernel("input_reduce_fusion", 60, 4.0),
               kernel("depthwise_conv3x3_backward_t64_c128_w4_s1", 15, 1.0)]  # out of order: sorted by time
-    totals = depthwise_conv_tiles.device_us_by_tiles(events)
+    totals = tiles_sweep.device_us_by_tiles(events, depthwise_conv_tiles.KERNEL_NAME, depthwise_conv_tiles.tiles_of)
     assert totals == {Tiles(64, 128, 4, 1): {"forward_us": 5.0, "backward_us": 10.0, "xla_us": 2.0},
                       Tiles(16, 64, 2, 8): {"forward_us": 3.0, "backward_us": 7.0, "xla_us": 4.0}}
     assert all(4 <= t.tokens * t.channels // (32 * t.num_warps) <= (64 if t.steps == 1 else 16)

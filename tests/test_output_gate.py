@@ -11,7 +11,7 @@ from jax import export
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.output_gate import gate_pallas, gate_reference, gate_xla, resolve_impl, rms_norm_swish_gate
+from pallas_kernels.output_gate import Tiles, gate_pallas, gate_reference, gate_xla, resolve_impl, rms_norm_swish_gate
 
 EPS = 1e-6
 interpreted = functools.partial(gate_pallas, interpret=True)
@@ -45,6 +45,17 @@ def test_matches_autodiff_of_the_formula(impl, shape, dtype, tolerance):
     for name, ours, theirs in zip(("z", "do", "dg", "dweight"), _value_and_grads(gate, *args), expected):
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, name
         assert _rel_err(ours, theirs) < tolerance, name
+
+
+@pytest.mark.parametrize("forward_tiles, backward_tiles", [(Tiles(1024, 2), Tiles(32768, 8)),
+                                                           (Tiles(4096, 1), Tiles(2048, 4))])
+def test_tiles_change_the_blocks_not_the_values(forward_tiles, backward_tiles):
+    """Row blocks of 16 to 512 rows of V = 64, the rows (2 * 20 * 3 = 120) a multiple of none of them."""
+    gate = functools.partial(interpreted, forward_tiles=forward_tiles, backward_tiles=backward_tiles)
+    args = _inputs(7, (2, 20, 3, 64))
+    for name, ours, theirs in zip(("z", "do", "dg", "dweight"), _value_and_grads(gate, *args),
+                                  _value_and_grads(gate_reference, *args)):
+        assert _rel_err(ours, theirs) < 1e-5, name
 
 
 def test_xla_backward_keeps_only_the_inputs():
@@ -92,4 +103,9 @@ def test_bad_arguments_are_named():
         rms_norm_swish_gate(o, g, weight, eps=EPS, impl="triton")
     with pytest.raises(ValueError, match="power of two >= 16, got V=24"):
         gate_pallas(o, g, weight, EPS)
+    o, g, weight, _ = _inputs(0, (1, 4, 2, 32))
+    with pytest.raises(ValueError, match=r"backward_tiles=Tiles\(elements=1536, num_warps=4\) must give a power-of-two"):
+        gate_pallas(o, g, weight, EPS, backward_tiles=Tiles(1536, 4))
+    with pytest.raises(ValueError, match="forward_tiles=.* at least one warp"):
+        gate_pallas(o, g, weight, EPS, forward_tiles=Tiles(1024, 0))
     assert resolve_impl("auto", 64) == "xla"  # CPU
