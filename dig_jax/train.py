@@ -240,10 +240,12 @@ def stop_agreed(stop: StopRequest, step: int, sync_every: int) -> bool:
 def check_finite(step: int, metrics: dict, checkpointer: ckpt.Checkpointer) -> None:
     if not all(np.isfinite(metrics[key]) for key in ("loss", "grad_norm")):
         checkpointer.wait()
+        last = checkpointer.latest_step()
+        saved = (f"The last good checkpoint is step {last} in {checkpointer.directory}" if last is not None else
+                 f"No checkpoint was saved yet in {checkpointer.directory}")
         raise NonFiniteLossError(
             f"loss={metrics['loss']} grad_norm={metrics['grad_norm']} at step {step}: training diverged and was "
-            f"stopped without saving. The last good checkpoint is step {checkpointer.latest_step()} in "
-            f"{checkpointer.directory}; try a lower config.optimizer.learning_rate or set "
+            f"stopped without saving. {saved}; try a lower config.optimizer.learning_rate or set "
             f"config.optimizer.grad_clip_norm.")
 
 
@@ -313,7 +315,13 @@ def train(config: ConfigDict, workdir: str) -> dict:
 
     logger = MetricsLogger(workdir, start_step=start_step, total_steps=config.num_steps,
                            global_batch_size=config.global_batch_size, is_main=is_main)
+    def log(step, metrics):
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(step, scalars, checkpointer)  # before logging: a diverged step is no log row
+        return logger.write(step, scalars)
+
     logged, stopping = {}, False
+    unlogged = None  # (step, metrics) to log once the next call is dispatched (see below)
     if is_main and start_step < config.num_steps:
         print(f"Compiling the train step of {config.model.name} (the first step waits for it) ...", flush=True)
     with StopRequest() as stop:
@@ -325,18 +333,22 @@ def train(config: ConfigDict, workdir: str) -> dict:
                 state, metrics = trainer.train_steps(state, batches, space.frozen)
                 if step == start_step + steps_per_call:  # compiled
                     freeze_long_lived_objects()
+                if unlogged:  # waits for the previous call only: this one is already queued behind it
+                    logged, unlogged = log(*unlogged), None
                 last = step == config.num_steps
-                logging = step % config.log_every == 0 or last
-                if logging:
-                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    check_finite(step, scalars, checkpointer)  # before logging: a diverged step is no log row
-                    logged = logger.write(step, scalars)
                 stopping = stop_agreed(stop, step, config.log_every)
-                if step % config.checkpoint_every == 0 or last or stopping:
-                    if not logging:  # a logged step was checked above
+                saving = step % config.checkpoint_every == 0 or last or stopping
+                evaluating = evaluator is not None and step % config.eval.every == 0 and not stopping
+                if step % config.log_every == 0 or last:
+                    if saving or evaluating:  # they wait for the step anyway
+                        logged = log(step, metrics)
+                    else:  # fetched after the next dispatch, so that the GPU does not idle while the host logs
+                        unlogged = (step, metrics)
+                if saving:
+                    if step % config.log_every and not last:  # a logged step was checked above
                         check_finite(step, jax.device_get(metrics), checkpointer)
                     checkpointer.save(step, state, loader)
-                if evaluator is not None and step % config.eval.every == 0 and not stopping:
+                if evaluating:
                     nnx.update(trainer.model, host_ema(state))  # every process samples the same images
                     logger.write_eval(step, evaluator(trainer.model))
                 if stopping:

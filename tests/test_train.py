@@ -112,6 +112,19 @@ def test_nan_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     assert logged and all(math.isfinite(record["loss"]) for record in logged)
 
 
+def test_nan_in_a_step_logged_after_the_next_dispatch_stops_training_unlogged(tmp_path):
+    """Between checkpoints a logged step's metrics are fetched once the next call is queued: a diverged step is
+    still caught before its row is written, and no later step is logged."""
+    config = tiny_config(num_steps=50, checkpoint_every=1000)
+    config.optimizer.learning_rate = 1e30
+    with pytest.raises(NonFiniteLossError, match="No checkpoint was saved yet") as error:
+        train(config, str(tmp_path))
+    diverged = int(str(error.value).split(" at step ")[1].split(":")[0])
+    logged = records(str(tmp_path))
+    assert [record["step"] for record in logged] == list(range(1, diverged))
+    assert all(math.isfinite(record["loss"]) for record in logged)
+
+
 def tree_digest(folder):
     digest = hashlib.sha256()
     for root, _, files in sorted(os.walk(folder)):
