@@ -8,6 +8,9 @@ splits the product (`GatedLinearAttention.project_input`). The parts' gradients 
 autodiff ("concatenate") writes them into one [T, 2K + 2V + 16] array before the two backward matmuls; in the
 DiG-XL/2 step that concatenate costs 42 us per block (docs/benchmarks.md). "per_part" has a custom VJP that reads
 the five gradients where they lie: dx as five matmuls summed, the kernel gradient as five matmuls side by side.
+"split_forward" is the other way round: the forward pass writes each part with a matmul of its own (no copies out
+of the product, which the Pallas kernels that read the parts need as arrays of their own), the backward pass is
+autodiff's (the concatenate, then one matmul for dx and one for the kernel gradient).
 Shapes (tokens, D): DiG-S/2 and DiG-XL/2 at 256 px (batch 32), DiG-S/2 at 1792 px and DiG-XL/2 at 2048 px (batch 1).
 The floor moves x and the five gradients in, the product and dx out once (bf16), and the kernel and its gradient
 (float32). Prints a table last.
@@ -53,7 +56,27 @@ def _per_part_backward(widths, residuals, d_parts):
 
 
 project_per_part.defvjp(_per_part_forward, _per_part_backward)
-IMPLS = {"concatenate": project_concatenate, "per_part": project_per_part}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project_split_forward(x, kernel, widths):
+    return tuple(jnp.dot(x, k) for k in _split(kernel.astype(x.dtype), widths))
+
+
+def _split_forward_forward(x, kernel, widths):
+    return project_split_forward(x, kernel, widths), (x, kernel)
+
+
+def _split_forward_backward(widths, residuals, d_parts):
+    x, kernel = residuals
+    d_product = jnp.concatenate(d_parts, axis=-1)
+    dx = jnp.dot(d_product, kernel.astype(x.dtype).T, preferred_element_type=jnp.float32)
+    d_kernel = jnp.dot(x.T, d_product, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+project_split_forward.defvjp(_split_forward_forward, _split_forward_backward)
+IMPLS = {"concatenate": project_concatenate, "per_part": project_per_part, "split_forward": project_split_forward}
 
 
 def _inputs(seed, shape, dtype):
@@ -94,7 +117,7 @@ def moved_elements(shape):
 
 
 def main():
-    op_benchmark(__doc__, SHAPES, "concatenate,per_part", moved_elements, accuracy, time_ms)
+    op_benchmark(__doc__, SHAPES, "concatenate,per_part,split_forward", moved_elements, accuracy, time_ms)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,11 @@ class Tiles(NamedTuple):
         return max(_MIN_ROWS, self.elements // value_dim)
 
 
-FORWARD_TILES = Tiles(8192, 4)
-BACKWARD_TILES = Tiles(8192, 4)
+# Fastest over DiG-S/2's and DiG-XL/2's 256 px shapes (V = 64) on an H100 among 17 tilings
+# (benchmarks/output_gate_tiles.py, docs/benchmarks.md): forward 19.5 against 23.1 us, backward 36.7 against
+# 46.8 us (DiG-XL/2) for the 8192-element blocks before them.
+FORWARD_TILES = Tiles(1024, 4)
+BACKWARD_TILES = Tiles(2048, 4)
 
 
 def _check_inputs(o, g, weight):

@@ -49,6 +49,7 @@ from pallas_kernels import (
     depthwise_conv3x3,
     rms_norm_swish_gate,
     sequence_parallel_chunk_gla,
+    swiglu,
     transpose_grid,
 )
 
@@ -193,48 +194,18 @@ def _log_forget_gate_backward(log_forget, d_log_forget):
 log_forget_gate.defvjp(_log_forget_gate_forward, _log_forget_gate_backward)
 
 
-@jax.custom_vjp
-def swiglu(gate_and_value):
-    """[..., 2I] (gate, then value) -> swish(gate) * value [..., I].
-
-    The backward pass writes the [..., 2I] gradient in one elementwise pass, float32 inside: as the transpose of a
-    split, autodiff's gradient is a concatenate of the two halves' gradients, which XLA:GPU ran as two more passes
-    over the gradients (and twice, once for each matmul that reads it) in the DiG-S/2 step (H200, 2026-12-03).
-    """
-    gate, value = jnp.split(gate_and_value, 2, axis=-1)
-    return nnx.silu(gate) * value
-
-
-def _swiglu_forward(gate_and_value):
-    return swiglu(gate_and_value), gate_and_value
-
-
-def _swiglu_backward(gate_and_value, d_out):
-    # [..., 2, I] with broadcasting halves: the gradient of each half is picked by position, not concatenated.
-    halves = gate_and_value.reshape(*gate_and_value.shape[:-1], 2, -1).astype(jnp.float32)
-    gate, value = halves[..., :1, :], halves[..., 1:, :]
-    d_out = d_out[..., None, :].astype(jnp.float32)
-    sigmoid = jax.nn.sigmoid(gate)
-    d_gate = d_out * value * sigmoid * (1 + gate * (1 - sigmoid))
-    d_value = d_out * gate * sigmoid
-    is_gate = lax.broadcasted_iota(jnp.int32, (2, 1), 0) == 0
-    d_halves = jnp.where(is_gate, d_gate, d_value)
-    return (d_halves.reshape(gate_and_value.shape).astype(gate_and_value.dtype),)
-
-
-swiglu.defvjp(_swiglu_forward, _swiglu_backward)
-
-
 class SwiGLU(nnx.Module):
-    """down_proj(swish(gate) * value) with gate and value from one fused Linear(D, 2I)."""
+    """down_proj(swish(gate) * value) with gate and value from one fused Linear(D, 2I); `swiglu_impl` is the
+    activation's backward implementation (`pallas_kernels.swiglu`)."""
 
-    def __init__(self, hidden_size: int, *, rngs, dtype):
+    def __init__(self, hidden_size: int, *, swiglu_impl: str, rngs, dtype):
         inner = swiglu_hidden_size(hidden_size)
         self.gate_proj = linear(hidden_size, 2 * inner, rngs=rngs, dtype=dtype, use_bias=False)
         self.down_proj = linear(inner, hidden_size, rngs=rngs, dtype=dtype, use_bias=False)
+        self.swiglu_impl = swiglu_impl
 
     def __call__(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x)))
+        return self.down_proj(swiglu(self.gate_proj(x), impl=self.swiglu_impl))
 
 
 class DepthwiseConv3x3(nnx.Module):
@@ -268,7 +239,8 @@ class DiGBlock(nnx.Module):
         self.sequence_axis = config.sequence_axis
         self.attn = GatedLinearAttention(d, config.num_heads, gla_impl=config.gla_impl, rngs=rngs, dtype=dtype,
                                          sequence_axis=config.sequence_axis)
-        self.mlp = SwiGLU(d, rngs=rngs, dtype=dtype)
+        # The MLP's Triton kernel goes with the GLA kernels, as the output gate's (GatedLinearAttention.gate_impl).
+        self.mlp = SwiGLU(d, swiglu_impl=self.attn.gate_impl, rngs=rngs, dtype=dtype)
         self.adaLN_modulation = linear(d, 6 * d, rngs=rngs, dtype=dtype, kernel_init=zeros)
         self.dw_conv = DepthwiseConv3x3(d, conv_impl=config.conv_impl, rngs=rngs, dtype=dtype)
         has_skip = config.skip and index > config.depth // 2
