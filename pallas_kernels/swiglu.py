@@ -5,7 +5,7 @@ The forward pass is the formula in jnp (XLA runs it as one elementwise pass). Th
   "xla"     jnp: the two halves' gradients picked by position from a [..., 2, I] view;
   "pallas"  one Triton kernel over blocks of rows x I-columns: it reads both halves of x and the output gradient
             once and writes both halves of the input gradient;
-  "auto"    "pallas" on GPU where I allows it (a multiple of 16), "xla" elsewhere.
+  "auto"    "pallas" on GPU for I a multiple of 16 and at least 2048 (`_KERNEL_MIN_INNER`), "xla" elsewhere.
 
 Why a kernel: in the DiG-XL/2 step at 256 px (H100, 2026-12-07) XLA:GPU ran the "xla" backward as two passes, the
 first writing a float32 [N, T, I] product for the second: 84.9 + 105.7 us per block, where one pass over the
@@ -30,6 +30,10 @@ from pallas_kernels.mesh import per_batch_shard
 _ROWS = 16
 _COLUMN_BLOCKS = (128, 64, 32, 16)  # the largest that divides I
 _NUM_WARPS = 4
+# At I = 1024 (DiG-S) XLA:GPU runs the "xla" backward as one pass, faster than the kernel (forward + backward 0.051
+# against 0.060 ms); at I = 3072 (DiG-XL) it splits it in two and the kernel wins (0.211 against 0.143 ms). H100,
+# batch 32 x 256 tokens, benchmarks/swiglu.py; I between is not measured.
+_KERNEL_MIN_INNER = 2048
 
 
 def swiglu_reference(x):
@@ -98,6 +102,11 @@ def _kernel_fits(inner):
     return inner % _COLUMN_BLOCKS[-1] == 0
 
 
+def _kernel_pays(inner):
+    """Whether "auto" takes the kernel: for I >= _KERNEL_MIN_INNER (see there)."""
+    return _kernel_fits(inner) and inner >= _KERNEL_MIN_INNER
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _swiglu(x, backward):
     return swiglu_reference(x)
@@ -127,6 +136,6 @@ def swiglu(x, *, impl: str = "auto", interpret: bool = False):
     if x.shape[-1] % 2:
         raise ValueError(f"x must hold gate and value side by side (an even last axis), got shape {x.shape}")
     name = dispatch.resolve_impl(impl, IMPLS, kernel="pallas", fallback="xla",
-                                 kernel_fits=_kernel_fits(x.shape[-1] // 2))
+                                 kernel_fits=_kernel_pays(x.shape[-1] // 2))
     backward = functools.partial(backward_pallas, interpret=interpret) if name == "pallas" else IMPLS[name]
     return _swiglu(x, backward)

@@ -11,6 +11,7 @@ from jax import export
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import dispatch
 from pallas_kernels.swiglu import backward_pallas, swiglu, swiglu_reference
 
 
@@ -55,6 +56,21 @@ def test_lowers_for_cuda():
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     module = export.export(jax.jit(value_and_vjp), platforms=["cuda"], disabled_checks=checks)(x)
     assert module.mlir_module().count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("inner, kernels", [(1024, 0), (3072, 1)])
+def test_auto_takes_the_kernel_on_gpus_from_i_2048(monkeypatch, inner, kernels):
+    """XLA's own backward where it measured faster (I = 1024), the kernel where XLA split it (I = 3072)."""
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    x = jax.ShapeDtypeStruct((2, 16, 2 * inner), jnp.bfloat16)
+
+    def value_and_vjp(x):
+        z, vjp = jax.vjp(swiglu, x)
+        return z, vjp(z)
+
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    module = export.export(jax.jit(value_and_vjp), platforms=["cuda"], disabled_checks=checks)(x)
+    assert module.mlir_module().count("__gpu$xla.gpu.triton") == kernels
 
 
 def test_runs_per_batch_shard_under_a_mesh():
