@@ -107,17 +107,19 @@ def _kernel_pays(inner):
     return _kernel_fits(inner) and inner >= _KERNEL_MIN_INNER
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _swiglu(x, backward):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _swiglu(x, impl, interpret):
     return swiglu_reference(x)
 
 
-def _forward(x, backward):
+def _forward(x, impl, interpret):
     return swiglu_reference(x), x
 
 
-def _backward(backward, x, d_out):
-    return (backward(x, d_out),)
+def _backward(impl, interpret, x, d_out):
+    if impl == "pallas":
+        return (backward_pallas(x, d_out, interpret=interpret),)
+    return (IMPLS[impl](x, d_out),)
 
 
 _swiglu.defvjp(_forward, _backward)
@@ -137,5 +139,4 @@ def swiglu(x, *, impl: str = "auto", interpret: bool = False):
         raise ValueError(f"x must hold gate and value side by side (an even last axis), got shape {x.shape}")
     name = dispatch.resolve_impl(impl, IMPLS, kernel="pallas", fallback="xla",
                                  kernel_fits=_kernel_pays(x.shape[-1] // 2))
-    backward = functools.partial(backward_pallas, interpret=interpret) if name == "pallas" else IMPLS[name]
-    return _swiglu(x, backward)
+    return _swiglu(x, name, bool(interpret))
