@@ -315,6 +315,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
 
     logger = MetricsLogger(workdir, start_step=start_step, total_steps=config.num_steps,
                            global_batch_size=config.global_batch_size, is_main=is_main)
+
     def log(step, metrics):
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         check_finite(step, scalars, checkpointer)  # before logging: a diverged step is no log row

@@ -39,8 +39,8 @@ _MIN_ROWS = 16
 class Tiles(NamedTuple):
     """What one program of a gate kernel covers: `elements` / V rows (a power of two, at least 16), run by
     `num_warps` warps."""
-    elements: int = 8192
-    num_warps: int = 4
+    elements: int
+    num_warps: int
 
     def rows(self, value_dim: int) -> int:
         return max(_MIN_ROWS, self.elements // value_dim)
