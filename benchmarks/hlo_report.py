@@ -16,6 +16,10 @@ No device needed to read a dump (`jax.jit(f).lower(...).compile().as_text()` giv
              jvp(...) and read by instructions under transpose(...), i.e. what stays alive from one pass to the
              other, grouped by the jax op that made them and shape, in MiB. A tuple output counts only the elements
              that are read (a cuBLAS call's workspace is not), and bitcasts count as the array they view.
+With --kernels NAME,... (kernel names as a profile lists them, e.g. `loop_convert_fusion_27`, which is the HLO
+instruction %loop_convert_fusion.27 of the same compile) a fourth table says what each of them computes: its
+shape, the jax ops fused into it and the source lines they come from (the module's stack frames):
+    python benchmarks/hlo_report.py DUMP/*jit_multi_step*after_optimizations.txt --kernels loop_convert_fusion_27
 """
 
 import argparse
@@ -164,6 +168,51 @@ def forward_residuals(instructions: list[Instruction]) -> dict:
     return {key: tuple(value) for key, value in sorted(totals.items(), key=lambda item: -item[1][1])}
 
 
+def source_frames(hlo_text: str) -> dict[int, str]:
+    """{stack_frame_id: "dir/file.py:line (function)"} of the innermost frame of each stack frame in the module's
+    FileNames / FunctionNames / FileLocations / StackFrames tables (paths cut to their last two components)."""
+    tables, current = collections.defaultdict(dict), None
+    for line in hlo_text.split("\n%", 1)[0].splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = line
+        elif current and (row := re.match(r"(\d+) (.*)", line)):
+            tables[current][int(row.group(1))] = row.group(2)
+    locations = {}
+    for index, text in tables["FileLocations"].items():
+        fields = dict(re.findall(r"(\w+)=(\d+)", text))
+        path = tables["FileNames"].get(int(fields["file_name_id"]), "?").strip('"')
+        function = tables["FunctionNames"].get(int(fields["function_name_id"]), "?").strip('"')
+        locations[index] = f"{'/'.join(path.split('/')[-2:])}:{fields['line']} ({function})"
+    return {index: locations.get(int(re.search(r"file_location_id=(\d+)", text).group(1)), "?")
+            for index, text in tables["StackFrames"].items()}
+
+
+def kernel_sources(hlo_text: str, kernel_names: list[str]) -> str:
+    """Markdown: per kernel name of a profile (`name_N` is the instruction %name.N), its shape, the jax ops in it
+    (its fused computation's op_names, last component) and their source lines."""
+    computations, _ = parse(hlo_text)
+    by_name = {instruction.name: instruction for body in computations.values() for instruction in body}
+    frames = source_frames(hlo_text)
+    frame_ids = {}  # instruction name -> stack_frame_id
+    for line in hlo_text.splitlines():
+        if (match := re.match(r"\s+(?:ROOT )?%([\w.\-]+) = .*stack_frame_id=(\d+)", line)):
+            frame_ids[match.group(1)] = int(match.group(2))
+    lines = ["| kernel | instruction | shape | jax ops | source lines |", "|---|---|---|---|---|"]
+    for kernel in kernel_names:
+        name = next((n for n in (kernel, re.sub(r"_(\d+)$", r".\1", kernel)) if n in by_name), None)
+        if name is None:
+            lines.append(f"| {kernel} | not in this module | | | |")
+            continue
+        instruction = by_name[name]
+        called = re.search(r"calls=%([\w.\-]+)", instruction.attributes)
+        body = computations.get(called.group(1), []) if called else []
+        inside = [instruction] + body
+        ops = sorted({i.op_name.rsplit("/", 1)[-1] for i in inside if i.op_name})
+        sources = sorted({frames[frame_ids[i.name]] for i in inside if frame_ids.get(i.name) in frames})
+        lines.append(f"| {kernel} | {name} | {instruction.shape} | {', '.join(ops)} | {'; '.join(sources)} |")
+    return "\n".join(lines)
+
+
 def report(hlo_text: str, title: str, top: int = 30) -> str:
     """Markdown: kernels by kind, kernels by pass (and the update's by op), then the largest forward values kept
     for the backward pass."""
@@ -191,10 +240,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dumps", nargs="+", help="optimized HLO text files (*after_optimizations.txt)")
     parser.add_argument("--top", type=int, default=30, help="residual groups to list")
+    parser.add_argument("--kernels", default="", help="comma list of kernel names from a profile to look up")
     args = parser.parse_args()
     for path in args.dumps:
         with open(path) as f:
-            print(report(f.read(), path, args.top) + "\n")
+            text = f.read()
+        print(report(text, path, args.top) + "\n")
+        if args.kernels:
+            print(kernel_sources(text, args.kernels.split(",")) + "\n")
 
 
 if __name__ == "__main__":

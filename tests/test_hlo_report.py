@@ -88,3 +88,57 @@ def test_a_cpu_compiled_gradient_parses():
 def test_text_without_an_entry_is_refused():
     with pytest.raises(ValueError, match="no ENTRY computation"):
         hlo_report.parse("%f (x: f32[]) -> f32[] {\n  ROOT %x = f32[] parameter(0)\n}\n")
+
+
+# A module with XLA's stack-frame tables: frame 2 is a call to `gate` made from `step` (frame 1).
+HLO_WITH_FRAMES = """HloModule jit_step
+
+FileNames
+1 "/any/where/dig_jax/train.py"
+2 "/any/where/dig_jax/models/dig.py"
+
+FunctionNames
+1 "step"
+2 "gate"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=10 end_line=10 column=1 end_column=9}
+2 {file_name_id=2 function_name_id=2 line=42 end_line=42 column=1 end_column=9}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=1}
+
+
+%fused_mul (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  %e = f32[8]{0} exponential(%p0), metadata={op_name="jit(step)/jvp()/exp" stack_frame_id=2}
+  ROOT %m = f32[8]{0} multiply(%e, %p0), metadata={op_name="jit(step)/transpose(jvp())/mul" stack_frame_id=1}
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  ROOT %loop_multiply_fusion.3 = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_mul, metadata={op_name="jit(step)/transpose(jvp())/mul"}
+}
+"""
+
+
+def test_kernel_names_of_a_profile_are_looked_up_with_their_ops_and_source_lines():
+    assert hlo_report.source_frames(HLO_WITH_FRAMES) == {1: "dig_jax/train.py:10 (step)",
+                                                         2: "models/dig.py:42 (gate)"}
+    table = hlo_report.kernel_sources(HLO_WITH_FRAMES, ["loop_multiply_fusion_3", "nvjet_sm90_gemm"])
+    assert ("| loop_multiply_fusion_3 | loop_multiply_fusion.3 | f32[8]{0} | exp, mul | "
+            "dig_jax/train.py:10 (step); models/dig.py:42 (gate) |") in table
+    assert "| nvjet_sm90_gemm | not in this module |" in table
+
+
+def test_a_cpu_compiled_fusion_is_traced_to_this_file():
+    def loss(x):
+        return jnp.sum(jnp.sin(x) * 2)
+
+    text = jax.jit(jax.grad(loss)).lower(jnp.ones(8)).compile().as_text()
+    computations, entry = hlo_report.parse(text)
+    fusions = [i.name for i in hlo_report.executed(computations, entry) if i.opcode == "fusion"]
+    assert fusions
+    table = hlo_report.kernel_sources(text, fusions)
+    assert "tests/test_hlo_report.py:" in table and "<locals>.loss)" in table, table
