@@ -8,13 +8,15 @@ a fresh workdir and the images/s it logs are read back from metrics.jsonl (the f
 compilation, is dropped); (2) the same config's jitted step (`build_trainer`) runs back to back on one batch already
 on the device, as the loop dispatches them (step_timing.time_step_calls, "pipelined"). The ratio (1)/(2) is what the
 input pipeline and the loop's host work cost; "data wait" is the time per step the loop spent waiting for its next
-batches, so the rest of the gap (loop ms - step ms - data wait) is the loop's own host work. The JSON rows also give
+batches and "dispatch" the time per step the step call took on the host (it returns before the device runs it), so
+the rest of the gap (loop ms - step ms - data wait) is the loop's own host work. The JSON rows also give
 the step's synchronous time (each call waited for): its excess over the step time is host dispatch and launch gap.
 Datasets: "shapes" (the built-in images, 32 px, pixel space) and "latents" (32x32x4 latents, as for 256 px
 ImageNet, written here as random moments in the format `python -m dig_jax.encode` writes). bf16 compute.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -84,7 +86,7 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
     from dig_jax.sharding import make_mesh
     from dig_jax.train import build_trainer, freeze_long_lived_objects, next_batches, train
 
-    waits = []  # seconds the loop waited for each call's batches
+    waits, dispatches = [], []  # seconds the loop waited for each call's batches, and spent dispatching the call
 
     def timed_next_batches(loader, count):
         started = time.perf_counter()
@@ -92,7 +94,19 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
         waits.append(time.perf_counter() - started)
         return batches
 
+    def timed_build_trainer(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+
+        def train_steps(*step_args):
+            started = time.perf_counter()
+            result = trainer.train_steps(*step_args)
+            dispatches.append(time.perf_counter() - started)
+            return result
+
+        return dataclasses.replace(trainer, train_steps=train_steps)
+
     dig_jax.train.next_batches = timed_next_batches
+    dig_jax.train.build_trainer = timed_build_trainer
 
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = os.path.join(scratch, "latents")
@@ -104,7 +118,7 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
         started = time.perf_counter()
         train(config, workdir)
         loop_s = time.perf_counter() - started
-        dig_jax.train.next_batches = next_batches
+        dig_jax.train.next_batches, dig_jax.train.build_trainer = next_batches, build_trainer
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             logged = [json.loads(line)["images_per_second"] for line in f][1:]
 
@@ -126,12 +140,15 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
             lambda state: trainer.train_steps(state, batches, trainer.space.frozen), state, calls)
         step_images_per_s = steps_per_call * batch / call_s
     loop_images_per_s = float(np.median(logged))
-    steady_waits = waits[config.log_every // steps_per_call:]  # after the first logged interval, as `logged`
+    steady = slice(config.log_every // steps_per_call, None)  # after the first logged interval, as `logged`
     return {"loop_images_per_s": loop_images_per_s, "step_images_per_s": step_images_per_s,
             "ratio": loop_images_per_s / step_images_per_s, "loop_wall_s": loop_s,
             "loop_ms_per_step": 1e3 * batch / loop_images_per_s, "step_ms": 1e3 * batch / step_images_per_s,
             "synced_step_ms": 1e3 * synced_call_s / steps_per_call,  # each call waited for: adds dispatch time
-            "data_wait_ms_per_step": 1e3 * float(np.mean(steady_waits)) / steps_per_call,
+            "data_wait_ms_per_step": 1e3 * float(np.mean(waits[steady])) / steps_per_call,
+            # Host time in the step call (it returns before the device runs it): at or above "step_ms", the host's
+            # dispatch, not the device, sets the loop's pace.
+            "dispatch_ms_per_step": 1e3 * float(np.mean(dispatches[steady])) / steps_per_call,
             "read_threads": config.data.read_threads, "device": jax.devices()[0].device_kind}
 
 
@@ -188,13 +205,14 @@ def main():
         rows.append(row)
         report(row, args.out)
     print(f"\n{'model':9} {'dataset':8} {'batch':>5} {'per call':>8} {'workers':>7} {'loop img/s':>10} "
-          f"{'step img/s':>10} {'ratio':>6} {'loop ms':>7} {'step ms':>7} {'data wait ms':>12} {'threads':>7}")
+          f"{'step img/s':>10} {'ratio':>6} {'loop ms':>7} {'step ms':>7} {'data wait ms':>12} {'dispatch ms':>11} "
+          f"{'threads':>7}")
     for r in rows:
         head = f"{r['model']:9} {r['dataset']:8} {r['batch']:>5} {r['steps_per_call']:>8} {r['worker_count']:>7}"
         print(f"{head}  error: {r['error']}" if "error" in r else
               f"{head} {r['loop_images_per_s']:10.1f} {r['step_images_per_s']:10.1f} {r['ratio']:6.2f} "
               f"{r['loop_ms_per_step']:7.2f} {r['step_ms']:7.2f} {r['data_wait_ms_per_step']:12.2f} "
-              f"{r['read_threads']:>7}")
+              f"{r['dispatch_ms_per_step']:11.2f} {r['read_threads']:>7}")
 
 
 if __name__ == "__main__":
