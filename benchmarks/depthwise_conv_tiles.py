@@ -10,16 +10,14 @@ checked against XLA's convolution first. Prints, per shape, the fastest forward 
 fastest over all shapes (sum of each shape's time relative to that shape's fastest) as a JSON line.
 """
 
-import argparse
 import functools
 import itertools
 import re
 
 import jax
 import jax.numpy as jnp
+import tiles_sweep
 from depthwise_conv import SHAPES, inputs, value_and_grads
-from results import report, worst_relative_error
-from tiles_sweep import print_best_tiles, trace_candidates
 
 from pallas_kernels.depthwise_conv import Tiles, conv_pallas, conv_reference
 
@@ -52,36 +50,14 @@ def sweep(shape, calls: int) -> list[dict]:
     sets = [inputs(jax.random.key(i), n, grid, d, jnp.bfloat16) for i in range(4)]
     expected = jax.jit(functools.partial(value_and_grads, conv_reference, grid))(
         *[a.astype(jnp.float32) for a in sets[0]])
-    steps, errors = {}, {}
-    for tiles in candidates(d):
+
+    def make_step(tiles):
         conv = functools.partial(conv_pallas, forward_tiles=tiles, backward_tiles=tiles)
-        step = jax.jit(functools.partial(value_and_grads, conv, grid))
-        try:
-            errors[tiles] = worst_relative_error(step(*sets[0]), expected)
-        except Exception as error:  # a tiling Triton cannot compile is a result too
-            print(f"{tiles}: {type(error).__name__}: {str(error)[:200]}")
-            continue
-        steps[tiles] = step
+        return jax.jit(functools.partial(value_and_grads, conv, grid))
+
     # Candidates' channel blocks divide D: the kernel names carry them as they are.
-    per_call = trace_candidates(steps, sets, calls, KERNEL_NAME, tiles_of)
-    return [{"tiles": list(tiles), "error": errors[tiles], **times} for tiles, times in per_call.items()]
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="S/256,XL/256")
-    parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    by_shape = {}
-    for name in args.shapes.split(","):
-        if name not in SHAPES:
-            parser.error(f"--shapes: {name!r} is not one of {sorted(SHAPES)}")
-        by_shape[name] = sweep(SHAPES[name], args.calls)
-        for row in by_shape[name]:
-            report({"shape": name, **row, "device": jax.devices()[0].device_kind}, args.out)
-    print_best_tiles(by_shape, "tokens, channels, warps, steps")
+    return tiles_sweep.sweep_candidates(candidates(d), make_step, sets, expected, calls, KERNEL_NAME, tiles_of)
 
 
 if __name__ == "__main__":
-    main()
+    tiles_sweep.main(__doc__, SHAPES, sweep, "tokens, channels, warps, steps")

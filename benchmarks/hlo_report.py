@@ -193,10 +193,6 @@ def kernel_sources(hlo_text: str, kernel_names: list[str]) -> str:
     computations, _ = parse(hlo_text)
     by_name = {instruction.name: instruction for body in computations.values() for instruction in body}
     frames = source_frames(hlo_text)
-    frame_ids = {}  # instruction name -> stack_frame_id
-    for line in hlo_text.splitlines():
-        if (match := re.match(r"\s+(?:ROOT )?%([\w.\-]+) = .*stack_frame_id=(\d+)", line)):
-            frame_ids[match.group(1)] = int(match.group(2))
     lines = ["| kernel | instruction | shape | jax ops | source lines |", "|---|---|---|---|---|"]
     for kernel in kernel_names:
         name = next((n for n in (kernel, re.sub(r"_(\d+)$", r".\1", kernel)) if n in by_name), None)
@@ -208,7 +204,8 @@ def kernel_sources(hlo_text: str, kernel_names: list[str]) -> str:
         body = computations.get(called.group(1), []) if called else []
         inside = [instruction] + body
         ops = sorted({i.op_name.rsplit("/", 1)[-1] for i in inside if i.op_name})
-        sources = sorted({frames[frame_ids[i.name]] for i in inside if frame_ids.get(i.name) in frames})
+        frame_ids = (re.search(r"stack_frame_id=(\d+)", i.attributes) for i in inside)
+        sources = sorted({frames[int(f.group(1))] for f in frame_ids if f and int(f.group(1)) in frames})
         lines.append(f"| {kernel} | {name} | {instruction.shape} | {', '.join(ops)} | {'; '.join(sources)} |")
     return "\n".join(lines)
 

@@ -9,16 +9,14 @@ and each candidate's values and gradients are checked against autodiff of the fl
 shape, the fastest forward and backward tiles, then the tiles fastest over all shapes as a JSON line.
 """
 
-import argparse
 import functools
 import itertools
 import re
 
 import jax
 import jax.numpy as jnp
+import tiles_sweep
 from output_gate import SHAPES, inputs, value_and_grads
-from results import report, worst_relative_error
-from tiles_sweep import print_best_tiles, trace_candidates
 
 from pallas_kernels.output_gate import Tiles, gate_pallas, gate_reference
 
@@ -40,31 +38,13 @@ def candidates(value_dim: int) -> list[Tiles]:
 def sweep(shape, calls: int) -> list[dict]:
     sets = [inputs(seed, shape, jnp.bfloat16) for seed in range(4)]
     expected = jax.jit(functools.partial(value_and_grads, gate_reference))(*[a.astype(jnp.float32) for a in sets[0]])
-    steps, errors = {}, {}
-    for tiles in candidates(shape[-1]):
+
+    def make_step(tiles):
         gate = functools.partial(gate_pallas, forward_tiles=tiles, backward_tiles=tiles)
-        step = jax.jit(functools.partial(value_and_grads, gate))
-        errors[tiles] = worst_relative_error(step(*sets[0]), expected)
-        steps[tiles] = step
-    per_call = trace_candidates(steps, sets, calls, KERNEL_NAME, tiles_of)
-    return [{"tiles": list(tiles), "error": errors[tiles], **times} for tiles, times in per_call.items()]
+        return jax.jit(functools.partial(value_and_grads, gate))
 
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="S/256,XL/256")
-    parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    by_shape = {}
-    for name in args.shapes.split(","):
-        if name not in SHAPES:
-            parser.error(f"--shapes: {name!r} is not one of {sorted(SHAPES)}")
-        by_shape[name] = sweep(SHAPES[name], args.calls)
-        for row in by_shape[name]:
-            report({"shape": name, **row, "device": jax.devices()[0].device_kind}, args.out)
-    print_best_tiles(by_shape, "elements, warps")
+    return tiles_sweep.sweep_candidates(candidates(shape[-1]), make_step, sets, expected, calls, KERNEL_NAME, tiles_of)
 
 
 if __name__ == "__main__":
-    main()
+    tiles_sweep.main(__doc__, SHAPES, sweep, "elements, warps")

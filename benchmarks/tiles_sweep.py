@@ -1,13 +1,15 @@
-"""What the kernel tile sweeps (depthwise_conv_tiles.py, output_gate_tiles.py) share: run every candidate's forward +
-backward back to back inside one profiler trace, attribute the trace's kernels to the candidates by the tiles their
-names carry, and pick the tiles fastest over all shapes."""
+"""What the kernel tile sweeps (depthwise_conv_tiles.py, output_gate_tiles.py) share: check every candidate against
+a reference, run its forward + backward back to back inside one profiler trace, attribute the trace's kernels to the
+candidates by the tiles their names carry, pick the tiles fastest over all shapes, and the command line."""
 
+import argparse
 import collections
 import json
 import tempfile
 
 import jax
 from kernel_trace import kernel_events
+from results import report, worst_relative_error
 
 
 def device_us_by_tiles(kernels: list[dict], pattern, parse) -> dict:
@@ -41,6 +43,41 @@ def trace_candidates(steps: dict, input_sets: list, calls: int, pattern, parse) 
             raise RuntimeError(f"no kernels of {tiles} in the trace")
         per_call[tiles] = {key: value / calls for key, value in totals[tiles].items()}
     return per_call
+
+
+def sweep_candidates(candidates, make_step, input_sets: list, expected, calls: int, pattern, parse) -> list[dict]:
+    """Rows {"tiles", "error", "forward_us", "backward_us", "xla_us"} of each candidate tiles: make_step(tiles) ->
+    jitted fn(*inputs) returning what `expected` holds (the reference's values and gradients on input_sets[0]). A
+    candidate Triton cannot compile is reported and left out."""
+    steps, errors = {}, {}
+    for tiles in candidates:
+        step = make_step(tiles)
+        try:
+            errors[tiles] = worst_relative_error(step(*input_sets[0]), expected)
+        except Exception as error:  # a tiling Triton cannot compile is a result too
+            print(f"{tiles}: {type(error).__name__}: {str(error)[:200]}")
+            continue
+        steps[tiles] = step
+    per_call = trace_candidates(steps, input_sets, calls, pattern, parse)
+    return [{"tiles": list(tiles), "error": errors[tiles], **times} for tiles, times in per_call.items()]
+
+
+def main(description: str, shapes: dict, sweep, fields: str) -> None:
+    """The sweeps' command line (--shapes, --calls, --out): sweep(shape, calls) -> rows per shape, reported as they
+    come, then `print_best_tiles`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="S/256,XL/256")
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    by_shape = {}
+    for name in args.shapes.split(","):
+        if name not in shapes:
+            parser.error(f"--shapes: {name!r} is not one of {sorted(shapes)}")
+        by_shape[name] = sweep(shapes[name], args.calls)
+        for row in by_shape[name]:
+            report({"shape": name, **row, "device": jax.devices()[0].device_kind}, args.out)
+    print_best_tiles(by_shape, fields)
 
 
 def print_best_tiles(by_shape: dict, fields: str) -> dict:

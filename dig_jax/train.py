@@ -338,15 +338,16 @@ def train(config: ConfigDict, workdir: str) -> dict:
                     logged, unlogged = log(*unlogged), None
                 last = step == config.num_steps
                 stopping = stop_agreed(stop, step, config.log_every)
+                logging = step % config.log_every == 0 or last
                 saving = step % config.checkpoint_every == 0 or last or stopping
                 evaluating = evaluator is not None and step % config.eval.every == 0 and not stopping
-                if step % config.log_every == 0 or last:
+                if logging:
                     if saving or evaluating:  # they wait for the step anyway
                         logged = log(step, metrics)
                     else:  # fetched after the next dispatch, so that the GPU does not idle while the host logs
                         unlogged = (step, metrics)
                 if saving:
-                    if step % config.log_every and not last:  # a logged step was checked above
+                    if not logging:  # a logged step was checked above
                         check_finite(step, jax.device_get(metrics), checkpointer)
                     checkpointer.save(step, state, loader)
                 if evaluating:

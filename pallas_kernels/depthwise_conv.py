@@ -185,12 +185,16 @@ def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, toke
         partials_ref[index] = jnp.sum(products, axis=0)
 
 
+def _programs_along_tokens(num_tokens, tiles: Tiles) -> int:
+    return pl.cdiv(num_tokens, tiles.tokens * tiles.steps)
+
+
 def _call(kernel, inputs, out_shape, grid_width, num_tokens, interpret, name, tiles: Tiles):
     """pallas_call over the grid (N, token blocks, channel blocks): `inputs` are sequences [N, T + 2 halo, D]
     then [9, D] filters / [D] vectors; outputs are [N, T, D] sequences or [N, token blocks, 10, D] partials."""
     n, _, d = inputs[0].shape
     block = _channel_block(d, tiles.channels)
-    token_blocks = pl.cdiv(num_tokens, tiles.tokens * tiles.steps)
+    token_blocks = _programs_along_tokens(num_tokens, tiles)
 
     def spec(shape):
         if len(shape) == 3:  # a whole sequence per (batch element, channel block)
@@ -221,7 +225,7 @@ def _backward(x, dy, rotated_filters, *, grid_width, num_tokens, interpret, tile
     """(dx [N, T, D], filter and bias gradient partials [N, token blocks, 10, D] float32); x, dy with their halo."""
     n, _, d = x.shape
     out_shape = [jax.ShapeDtypeStruct((n, num_tokens, d), x.dtype),
-                 jax.ShapeDtypeStruct((n, pl.cdiv(num_tokens, tiles.tokens * tiles.steps), len(_TAPS) + 1, d),
+                 jax.ShapeDtypeStruct((n, _programs_along_tokens(num_tokens, tiles), len(_TAPS) + 1, d),
                                       jnp.float32)]
     return _call(_backward_kernel, [x, dy, rotated_filters], out_shape, grid_width, num_tokens,
                  interpret, "depthwise_conv3x3_backward", tiles)

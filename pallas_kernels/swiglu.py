@@ -72,8 +72,9 @@ def _backward_rows(x, d_out, *, interpret):
     inner = d_out.shape[-1]
     rows = d_out.size // inner
     padding = -rows % _ROWS
-    x_rows = jnp.pad(x.reshape(rows, 2, inner), ((0, padding), (0, 0), (0, 0)))
-    d_out_rows = jnp.pad(d_out.reshape(rows, inner), ((0, padding), (0, 0)))
+    x_rows, d_out_rows = x.reshape(rows, 2, inner), d_out.reshape(rows, inner)
+    if padding:
+        x_rows, d_out_rows = (jnp.pad(a, ((0, padding),) + ((0, 0),) * (a.ndim - 1)) for a in (x_rows, d_out_rows))
     columns = _columns(inner)
     dx = pl.pallas_call(
         _backward_kernel, grid=((rows + padding) // _ROWS, inner // columns),
