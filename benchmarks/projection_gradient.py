@@ -3,10 +3,12 @@ the time of forward + backward at DiG's shapes, with the HBM floor.
 
     python benchmarks/projection_gradient.py --out projection.jsonl
 
-The model computes q, k, v, g and the forget gate's code as one matmul x [T, D] @ in_proj [D, 2K + 2V + 16] and
-splits the product (`GatedLinearAttention.project_input`). The parts' gradients come from different kernels, so
-autodiff ("concatenate") writes them into one [T, 2K + 2V + 16] array before the two backward matmuls; in the
-DiG-XL/2 step that concatenate costs 42 us per block (docs/benchmarks.md). "per_part" has a custom VJP that reads
+The model computes q, k, v, g and the forget gate's code as one matmul x [T, D] @ in_proj [D, 2K + 2V + 16]. Where
+it splits the product (`pallas_kernels.gla_layer.gated_gla_split`) the parts' gradients come from different
+kernels, so autodiff ("concatenate") writes them into one [T, 2K + 2V + 16] array before the two backward matmuls;
+in the DiG-XL/2 step that concatenate cost 42 us per block (docs/benchmarks.md). On GPUs the model now takes the
+packed path of `gated_gla`, whose kernels write the gradients into one array in place (benchmarks/gla_layer.py).
+"per_part" has a custom VJP that reads
 the five gradients where they lie: dx as five matmuls summed, the kernel gradient as five matmuls side by side.
 "split_forward" is the other way round: the forward pass writes each part with a matmul of its own (no copies out
 of the product, which the Pallas kernels that read the parts need as arrays of their own), the backward pass is

@@ -13,6 +13,9 @@ the causal mask is upper triangular); nothing is copied or flipped in memory. Li
 square grid of tokens scanned column by column, DiG's transposed blocks) only changes which rows a chunk's tiles
 gather: rows are strided in HBM either way (one row of a [T, K] slice is K contiguous elements), and the arrays
 stay in raster order, so the caller needs no transposes.
+q, k and v may also lie in one wider array (`Columns`: the GLA layer's packed input projection, `gla_layer`): their
+BlockSpecs then pick each head's column block of it, and with `packed_backward` the chunk-gradient kernel writes dq,
+dk and dv into the same columns of one gradient array, so that the caller neither splits nor concatenates.
 
 Per chunk, with G the inclusive cumsum of g in scan order inside the chunk (float32), G_last its total and h the
 [K, V] float32 state entering the chunk:
@@ -120,6 +123,27 @@ DEFAULT_CONFIG = TritonConfig()
 
 
 @dataclasses.dataclass(frozen=True)
+class Columns:
+    """A [B, T, H, X] sequence operand kept in place inside a wider array: head h is
+    array[:, :, first + h X : first + (h + 1) X] of `array` [B, T, C]. The kernels read such operands (and the
+    chunk-gradient kernel writes their gradients) where they lie, e.g. q, k and v inside one projection's output;
+    `first` must be a multiple of the blocks read (X, or the V block for v)."""
+
+    array: jax.Array
+    first: int
+    heads: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (*self.array.shape[:2], self.heads, self.width)
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+
+@dataclasses.dataclass(frozen=True)
 class _Plan:
     """Everything static about one call."""
 
@@ -136,6 +160,9 @@ class _Plan:
     chunk_parallel: bool
     config: TritonConfig
     interpret: bool
+    # The chunk-gradient kernel writes dq, dk and dv into one wide array: the first columns of head 0 of each, or
+    # None for arrays of their own (`_grad_targets`).
+    grad_columns: tuple[int, int, int] | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -286,12 +313,13 @@ def _chunk_rows(chunk, plan):
     return (positions % side) * side + positions // side, mask
 
 
-def _view(ref, index):
-    """ref's rows at `index`: a slice, or row numbers gathered with every column (an array index for both axes:
-    interpret mode cannot mix an array index with a slice)."""
+def _view(ref, index, columns=None):
+    """ref's rows at `index`: a slice, or row numbers gathered (an array index for both axes: interpret mode cannot
+    mix an array index with a slice); every column, or the `columns` slice."""
     if isinstance(index, pl.Slice):
-        return ref.at[index, :]
-    return ref.at[index[:, None], lax.broadcasted_iota(jnp.int32, (1, ref.shape[-1]), 1)]
+        return ref.at[index, slice(None) if columns is None else columns]
+    start, width = (0, ref.shape[-1]) if columns is None else (columns.start, columns.size)
+    return ref.at[index[:, None], start + lax.broadcasted_iota(jnp.int32, (1, width), 1)]
 
 
 def _load(ref, rows, dtype=jnp.float32):
@@ -303,9 +331,9 @@ def _load(ref, rows, dtype=jnp.float32):
     return tile.astype(dtype)
 
 
-def _store(ref, rows, tile):
+def _store(ref, rows, tile, columns=None):
     index, mask = rows
-    view = _view(ref, index)
+    view = _view(ref, index, columns)
     tile = tile.astype(ref.dtype)
     if mask is None:
         view[...] = tile
@@ -370,9 +398,25 @@ def _state_grad_kernel(q_ref, g_ref, do_ref, d_final_ref, d_states_ref, *d_initi
         d_initial_ref[0][...] = d_state
 
 
-def _chunk_grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, d_states_ref,
-                       dq_ref, dk_ref, dv_ref, dg_ref, *, plan, chunk=None):
-    chunk = pl.program_id(2) if chunk is None else chunk  # given by the fix-up kernel, which loops over chunks
+def _grad_targets(out_refs, key_dim, value_dim, head, plan):
+    """(dq, dk, dv) as (ref, columns) for `_store`, and dg's ref: from four output refs, or with plan.grad_columns
+    from one [T, C] block of a wide array and dg's, dq, dk and dv going to `head`'s columns of it."""
+    if plan.grad_columns is None:
+        dq_ref, dk_ref, dv_ref, dg_ref = out_refs
+        return (dq_ref, None), (dk_ref, None), (dv_ref, None), dg_ref
+    wide_ref, dg_ref = out_refs
+    q_first, k_first, v_first = plan.grad_columns
+    return ((wide_ref, pl.ds(q_first + head * key_dim, key_dim)), (wide_ref, pl.ds(k_first + head * key_dim, key_dim)),
+            (wide_ref, pl.ds(v_first + head * value_dim, value_dim)), dg_ref)
+
+
+def _chunk_grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, d_states_ref, *out_refs, plan, chunk=None,
+                       head=None):
+    # chunk (and head, when it matters) are given by the fix-up kernel, which loops over chunks.
+    chunk = pl.program_id(2) if chunk is None else chunk
+    head = pl.program_id(1) if head is None and plan.grad_columns is not None else head
+    (dq_ref, dq_columns), (dk_ref, dk_columns), (dv_ref, dv_columns), dg_ref = _grad_targets(
+        out_refs, q_ref.shape[-1], v_ref.shape[-1], head, plan)
     step = _chunk_of_step(chunk, plan)  # the map is its own inverse
     rows = _chunk_rows(chunk, plan)
     # Ordered so that tiles die early (fewer live registers): dv first, then dk, dq, dg.
@@ -391,13 +435,14 @@ def _chunk_grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, d_states_
     scores, dq_intra, dk_intra = _intra_chunk(q, k, gates, d_scores, _causal_mask(plan.reverse), plan.dot_dtype,
                                               plan.guarded)
     k_to_end = _exp(total[None, :] - gates)
-    _store(dv_ref, rows, plan.scale * dot(scores, do, transpose_a=True) + dot(k * k_to_end, d_next_state))
+    _store(dv_ref, rows, plan.scale * dot(scores, do, transpose_a=True) + dot(k * k_to_end, d_next_state),
+           dv_columns)
     dk_to_next_state = k_to_end * dot(v, d_next_state, transpose_b=True)
     dk = dk_intra + dk_to_next_state + d_diagonal * q
-    _store(dk_ref, rows, dk)
+    _store(dk_ref, rows, dk, dk_columns)
     state = states_ref[step].astype(jnp.float32)
     dq_open = plan.scale * _exp(gates) * dot(do, state, transpose_b=True) + dq_intra
-    _store(dq_ref, rows, dq_open + d_diagonal * k)
+    _store(dq_ref, rows, dq_open + d_diagonal * k, dq_columns)
     state_to_next = _exp(total) * jnp.sum(state * d_next_state, axis=1)
     _store(dg_ref, rows,
            _gate_grad(q * dq_open - k * dk_intra, k * dk_to_next_state, state_to_next, plan))
@@ -443,19 +488,21 @@ def _output_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, plan, chunk
     _store(o_ref, rows, _chunk_output(q, k, v, gates, state, _causal_mask(plan.reverse), plan))
 
 
-def _only_if_strong(kernel, num_outputs, repeats=1, index_name=None):
+def _only_if_strong(kernel, num_outputs, repeats=1, index_name=None, with_head=False):
     """A fix-up kernel: runs `kernel` (a guarded one) `repeats` times where the sequence has a chunk beyond
     FACTORISED_GATE_LIMIT (strength ref, the first argument: the forward's max |G| of each V block of this (batch,
     head)), passing the repetition as keyword `index_name` if given, and does nothing otherwise. Its refs are the
     strength, kernel's inputs, the previous contents of its num_outputs outputs (aliased to them, so programs that do
-    nothing keep the unguarded kernel's results), and the outputs. A loop, not an scf.if: see `_intra_chunk`."""
+    nothing keep the unguarded kernel's results), and the outputs. A loop, not an scf.if: see `_intra_chunk`.
+    with_head: also pass head=program_id(1), read before the loop (interpret mode sees no program ids inside it)."""
 
     def fix_up(strength_ref, *refs, plan):
         inputs, outputs = refs[:-2 * num_outputs], refs[-num_outputs:]
         strong = jnp.max(strength_ref[...]) > FACTORISED_GATE_LIMIT
+        head = {"head": pl.program_id(1)} if with_head else {}
 
         def run(index, carry):
-            kernel(*inputs, *outputs, plan=plan, **({index_name: index} if index_name else {}))
+            kernel(*inputs, *outputs, plan=plan, **head, **({index_name: index} if index_name else {}))
             return carry
 
         lax.fori_loop(0, strong.astype(jnp.int32) * repeats, run, 0)
@@ -490,13 +537,34 @@ def _compiler_params(num_warps, num_stages):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _sequential_specs(key_dim, seq_len, block):
-    """BlockSpecs of the sequential kernels (grid (B, H, V blocks)): [T, K] rows, [T, Vblk] rows, a [K, Vblk]
-    state, and the [N, K, Vblk] per-chunk states."""
-    return (pl.BlockSpec((None, seq_len, None, key_dim), lambda b, h, j: (b, 0, h, 0)),
-            pl.BlockSpec((None, seq_len, None, block), lambda b, h, j: (b, 0, h, j)),
-            pl.BlockSpec((None, None, key_dim, block), lambda b, h, j: (b, h, 0, j)),
+def _array(x):
+    """What a pallas_call takes for sequence operand x: the array itself, or the wide array of `Columns`."""
+    return x.array if isinstance(x, Columns) else x
+
+
+def _rows_spec(x, width, *, blocked=False):
+    """BlockSpec of one (batch, head)'s [T, width] rows of sequence operand x ([B, T, H, X] array or `Columns`) on
+    grids (B, H, ...); blocked: the grid's third index picks which width-wide block of the head's X columns."""
+    seq_len, head_width = x.shape[1], x.shape[3]
+    part = (lambda rest: rest[0]) if blocked else (lambda rest: 0)  # noqa: E731
+    if isinstance(x, Columns):
+        first, per_head = x.first // width, head_width // width
+        return pl.BlockSpec((None, seq_len, width), lambda b, h, *rest: (b, 0, first + h * per_head + part(rest)))
+    return pl.BlockSpec((None, seq_len, None, width), lambda b, h, *rest: (b, 0, h, part(rest)))
+
+
+def _state_specs(key_dim, seq_len, block):
+    """BlockSpecs of the sequential kernels' (grid (B, H, V blocks)) [K, Vblk] state and [N, K, Vblk] per-chunk
+    states."""
+    return (pl.BlockSpec((None, None, key_dim, block), lambda b, h, j: (b, h, 0, j)),
             pl.BlockSpec((None, None, pl.cdiv(seq_len, CHUNK), key_dim, block), lambda b, h, j: (b, h, 0, 0, j)))
+
+
+def _sequential_in_specs(q, k, v, g, plan):
+    """The sequential kernels' specs of q, k, v (its V block) and g."""
+    key_dim = q.shape[-1]
+    return [_rows_spec(q, key_dim), _rows_spec(k, key_dim), _rows_spec(v, plan.value_block, blocked=True),
+            _rows_spec(g, key_dim)]
 
 
 def _strength_spec(value_blocks):
@@ -509,15 +577,16 @@ def _forward_call(q, k, v, g, initial_state, plan, with_states):
     batch, seq_len, heads, key_dim = q.shape
     value_dim, block = v.shape[-1], plan.value_block
     grid = (batch, heads, value_dim // block)
-    key_spec, value_spec, state_spec, states_spec = _sequential_specs(key_dim, seq_len, block)
-    in_specs, inputs = [key_spec, key_spec, value_spec, key_spec], [q, k, v, g]
+    state_spec, states_spec = _state_specs(key_dim, seq_len, block)
+    in_specs, inputs = _sequential_in_specs(q, k, v, g, plan), [_array(x) for x in (q, k, v, g)]
     if plan.has_initial_state:
         in_specs.append(state_spec)
         inputs.append(initial_state)
-    out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
+    o_like = jax.ShapeDtypeStruct(v.shape, v.dtype)
+    out_shape = [o_like, jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
                  jax.ShapeDtypeStruct(grid, jnp.float32)]
-    out_specs = [value_spec, state_spec, pl.BlockSpec((None, None, None), lambda b, h, j: (b, h, j))]
+    out_specs = [_rows_spec(o_like, block, blocked=True), state_spec,
+                 pl.BlockSpec((None, None, None), lambda b, h, j: (b, h, j))]
     if with_states:
         out_shape.append(jax.ShapeDtypeStruct((batch, heads, plan.num_chunks, key_dim, value_dim),
                                               plan.state_dtype))
@@ -534,17 +603,17 @@ def _fix_up_forward_call(strength, q, k, v, g, initial_state, o, final_state, pl
     [B, H, V blocks] (from `_forward_call`) exceeds FACTORISED_GATE_LIMIT."""
     batch, seq_len, heads, key_dim = q.shape
     block = plan.value_block
-    key_spec, value_spec, state_spec, _ = _sequential_specs(key_dim, seq_len, block)
-    in_specs = [_strength_spec(strength.shape[-1]), key_spec, key_spec, value_spec, key_spec]
-    inputs = [strength, q, k, v, g]
+    state_spec, _ = _state_specs(key_dim, seq_len, block)
+    in_specs = [_strength_spec(strength.shape[-1]), *_sequential_in_specs(q, k, v, g, plan)]
+    inputs = [strength, *(_array(x) for x in (q, k, v, g))]
     if plan.has_initial_state:
         in_specs.append(state_spec)
         inputs.append(initial_state)
-    aliased = len(inputs)
+    aliased, o_spec = len(inputs), _rows_spec(o, block, blocked=True)
     return pl.pallas_call(
         functools.partial(_only_if_strong(_forward_kernel, 2), plan=dataclasses.replace(plan, guarded=True)),
-        grid=(batch, heads, v.shape[-1] // block), in_specs=in_specs + [value_spec, state_spec],
-        out_specs=[value_spec, state_spec],
+        grid=(batch, heads, v.shape[-1] // block), in_specs=in_specs + [o_spec, state_spec],
+        out_specs=[o_spec, state_spec],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (o, final_state)],
         input_output_aliases={aliased: 0, aliased + 1: 1}, interpret=plan.interpret, name="gla_forward_fix_up",
         compiler_params=_compiler_params(plan.config.forward_warps, plan.config.forward_stages),
@@ -554,7 +623,7 @@ def _fix_up_forward_call(strength, q, k, v, g, initial_state, o, final_state, pl
 def _state_grad_call(q, g, do, d_final, plan):
     batch, seq_len, heads, key_dim = q.shape
     value_dim, block = do.shape[-1], plan.value_block
-    key_spec, value_spec, state_spec, states_spec = _sequential_specs(key_dim, seq_len, block)
+    state_spec, states_spec = _state_specs(key_dim, seq_len, block)
     out_shape = [jax.ShapeDtypeStruct((batch, heads, plan.num_chunks, key_dim, value_dim), plan.state_dtype)]
     out_specs = [states_spec]
     if plan.has_initial_state:
@@ -562,59 +631,83 @@ def _state_grad_call(q, g, do, d_final, plan):
         out_specs.append(state_spec)
     return pl.pallas_call(
         functools.partial(_state_grad_kernel, plan=plan), grid=(batch, heads, value_dim // block),
-        in_specs=[key_spec, key_spec, value_spec, state_spec], out_specs=out_specs, out_shape=out_shape,
-        interpret=plan.interpret, name="gla_state_grad",
+        in_specs=[_rows_spec(q, key_dim), _rows_spec(g, key_dim), _rows_spec(do, block, blocked=True), state_spec],
+        out_specs=out_specs, out_shape=out_shape, interpret=plan.interpret, name="gla_state_grad",
         compiler_params=_compiler_params(plan.config.state_grad_warps, plan.config.state_grad_stages),
-    )(q, g, do, d_final)
+    )(_array(q), g, do, d_final)
 
 
-def _whole_sequence_specs(q, v, plan):
-    """BlockSpecs of the per-chunk kernels (grid (B, H, chunks), or (B, H) for their fix-ups): the [T, K] and
-    [T, V] rows of one (batch, head), and its [N, K, V] per-chunk states."""
-    _, seq_len, _, key_dim = q.shape
-    value_dim = v.shape[-1]
-    return (pl.BlockSpec((None, seq_len, None, key_dim), lambda b, h, *_: (b, 0, h, 0)),
-            pl.BlockSpec((None, seq_len, None, value_dim), lambda b, h, *_: (b, 0, h, 0)),
-            pl.BlockSpec((None, None, plan.num_chunks, key_dim, value_dim), lambda b, h, *_: (b, h, 0, 0, 0)))
+def _states_spec(plan, key_dim, value_dim):
+    """BlockSpec of one (batch, head)'s [N, K, V] per-chunk states in the per-chunk kernels (grid (B, H, chunks),
+    or (B, H) for their fix-ups)."""
+    return pl.BlockSpec((None, None, plan.num_chunks, key_dim, value_dim), lambda b, h, *_: (b, h, 0, 0, 0))
 
 
-def _per_chunk_call(kernel, name, inputs, in_specs, outputs_like, out_specs, plan, compiler_params, fix_up=None):
-    """`kernel` (unguarded) over grid (B, H, chunks), one chunk per program, writing arrays shaped like
-    outputs_like; or, with fix_up = (strength, previous outputs), the guarded kernel for the flagged (batch, head)
-    pairs, grid (B, H), each program walking its chunks (the others end at once)."""
+def _skipping_inputs(kernel, num_inputs, num_skipped):
+    """kernel called with the refs of `num_skipped` more inputs after its `num_inputs` own, which it ignores."""
+
+    def wrapped(*refs, **kwargs):
+        return kernel(*refs[:num_inputs], *refs[num_inputs + num_skipped:], **kwargs)
+
+    return wrapped
+
+
+def _per_chunk_call(kernel, name, inputs, in_specs, out_shape, out_specs, plan, compiler_params, fix_up=None,
+                    into=()):
+    """`kernel` (unguarded) over grid (B, H, chunks), one chunk per program, writing `out_shape`, its first outputs
+    into the arrays `into` (aliased: what the kernel does not write keeps their contents); or, with fix_up =
+    (strength, previous outputs), the guarded kernel for the flagged (batch, head) pairs, grid (B, H), each program
+    walking its chunks (the others end at once)."""
     batch, _, heads, _ = inputs[0].shape
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs_like]
-    grid, aliases = (batch, heads, plan.num_chunks), {}
+    grid, arrays = (batch, heads, plan.num_chunks), [_array(x) for x in inputs]
     if fix_up is not None:
         strength, previous = fix_up
         in_specs = [_strength_spec(strength.shape[-1])] + in_specs + out_specs
         aliases = {len(inputs) + 1 + i: i for i in range(len(previous))}
-        inputs = [strength] + inputs + list(previous)
-        kernel = _only_if_strong(kernel, len(previous), repeats=plan.num_chunks, index_name="chunk")
+        arrays = [strength] + arrays + list(previous)
+        kernel = _only_if_strong(kernel, len(previous), repeats=plan.num_chunks, index_name="chunk",
+                                 with_head=plan.grad_columns is not None)
         grid, plan, name = (batch, heads), dataclasses.replace(plan, guarded=True), name + "_fix_up"
+    else:
+        aliases = {len(inputs) + i: i for i in range(len(into))}
+        in_specs, arrays = in_specs + out_specs[:len(into)], arrays + list(into)
+        kernel = _skipping_inputs(kernel, len(inputs), len(into)) if into else kernel
     return pl.pallas_call(
         functools.partial(kernel, plan=plan), grid=grid, in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, input_output_aliases=aliases, interpret=plan.interpret, name=name,
         compiler_params=compiler_params,
-    )(*inputs)
+    )(*arrays)
 
 
-def _chunk_grad_call(q, k, v, g, do, states, d_states, plan, fix_up=None):
-    """(dq, dk, dv, dg) from the per-chunk states and their gradients (`_per_chunk_call`)."""
-    key_spec, value_spec, states_spec = _whole_sequence_specs(q, v, plan)
+def _chunk_grad_call(q, k, v, g, do, states, d_states, plan, fix_up=None, into=None):
+    """(dq, dk, dv, dg) from the per-chunk states and their gradients (`_per_chunk_call`). With plan.grad_columns
+    the first three go into the columns of one [B, T, C] array instead, `into` (aliased) or the previous one of
+    fix_up: (that array, dg)."""
+    key_dim, value_dim = q.shape[-1], v.shape[-1]
+    states_spec = _states_spec(plan, key_dim, value_dim)
+    in_specs = [_rows_spec(q, key_dim), _rows_spec(k, key_dim), _rows_spec(v, value_dim), _rows_spec(g, key_dim),
+                _rows_spec(do, value_dim), states_spec, states_spec]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g)]
+    out_specs = [_rows_spec(x, x.shape[-1]) for x in out_shape]
+    if plan.grad_columns is not None:
+        wide = into if fix_up is None else fix_up[1][0]
+        out_shape = [jax.ShapeDtypeStruct(wide.shape, wide.dtype), out_shape[-1]]
+        out_specs = [pl.BlockSpec((None, *wide.shape[1:]), lambda b, h, *_: (b, 0, 0)), out_specs[-1]]
     return _per_chunk_call(
-        _chunk_grad_kernel, "gla_chunk_grad", [q, k, v, g, do, states, d_states],
-        [key_spec, key_spec, value_spec, key_spec, value_spec, states_spec, states_spec], (q, k, v, g),
-        [key_spec, key_spec, value_spec, key_spec], plan,
-        _compiler_params(plan.config.chunk_grad_warps, plan.config.chunk_grad_stages), fix_up)
+        _chunk_grad_kernel, "gla_chunk_grad", [q, k, v, g, do, states, d_states], in_specs, out_shape, out_specs,
+        plan, _compiler_params(plan.config.chunk_grad_warps, plan.config.chunk_grad_stages), fix_up,
+        into=() if into is None else (into,))
 
 
 def _output_call(q, k, v, g, states, plan, fix_up=None):
     """Chunk-parallel schedule: o from the per-chunk states (`_per_chunk_call`)."""
-    key_spec, value_spec, states_spec = _whole_sequence_specs(q, v, plan)
-    (o,) = _per_chunk_call(_output_kernel, "gla_output", [q, k, v, g, states],
-                           [key_spec, key_spec, value_spec, key_spec, states_spec], (v,), [value_spec], plan,
-                           _compiler_params(plan.config.forward_warps, 1), fix_up)
+    key_dim, value_dim = q.shape[-1], v.shape[-1]
+    o_like = jax.ShapeDtypeStruct(v.shape, v.dtype)
+    (o,) = _per_chunk_call(
+        _output_kernel, "gla_output", [q, k, v, g, states],
+        [_rows_spec(q, key_dim), _rows_spec(k, key_dim), _rows_spec(v, value_dim), _rows_spec(g, key_dim),
+         _states_spec(plan, key_dim, value_dim)],
+        [o_like], [_rows_spec(o_like, value_dim)], plan, _compiler_params(plan.config.forward_warps, 1), fix_up)
     return o
 
 
@@ -623,8 +716,8 @@ def _summary_call(x, y, g, plan, *, to_end, with_strength):
     with_strength the max |G| of each (batch, head) [B, H, 1]), see `_chunk_summary_kernel`."""
     batch, _, heads, key_dim = x.shape
     value_dim, num_chunks = y.shape[-1], plan.num_chunks
-    key_spec, value_spec, contributions_spec = _whole_sequence_specs(x, y, plan)
-    out_specs = [contributions_spec, pl.BlockSpec((None, None, num_chunks, key_dim), lambda b, h, c: (b, h, 0, 0))]
+    out_specs = [_states_spec(plan, key_dim, value_dim),
+                 pl.BlockSpec((None, None, num_chunks, key_dim), lambda b, h, c: (b, h, 0, 0))]
     out_shape = [jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), jnp.float32),
                  jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim), jnp.float32)]
     if with_strength:
@@ -632,9 +725,10 @@ def _summary_call(x, y, g, plan, *, to_end, with_strength):
         out_shape.append(jax.ShapeDtypeStruct((batch, heads, num_chunks), jnp.float32))
     contributions, totals, *strength = pl.pallas_call(
         functools.partial(_chunk_summary_kernel, plan=plan, to_end=to_end), grid=(batch, heads, num_chunks),
-        in_specs=[key_spec, value_spec, key_spec], out_specs=out_specs, out_shape=out_shape,
-        interpret=plan.interpret, name="gla_chunk_summary", compiler_params=_compiler_params(_CHUNK_PARALLEL_WARPS, 1),
-    )(x, y, g)
+        in_specs=[_rows_spec(x, key_dim), _rows_spec(y, value_dim), _rows_spec(g, key_dim)], out_specs=out_specs,
+        out_shape=out_shape, interpret=plan.interpret, name="gla_chunk_summary",
+        compiler_params=_compiler_params(_CHUNK_PARALLEL_WARPS, 1),
+    )(_array(x), _array(y), g)
     # One strength per (batch, head) for the fix-up kernels, which read it whole (N is rarely a power of two).
     return contributions, totals, *(jnp.max(s, axis=-1, keepdims=True) for s in strength)
 
@@ -784,6 +878,34 @@ def _with_dot_dims(q, k, v, g, initial_state, kernel):
     return o[..., :value_dim], final_state[:, :, :key_dim, :value_dim]
 
 
+def _make_plan(q, v, g, *, scale, reverse, column_major, has_initial_state, interpret, config):
+    """The static description of one call on q [B, T, H, K], v [B, T, H, V] (arrays or `Columns`) and g; K and V
+    powers of two >= 16."""
+    batch, seq_len, heads, _ = q.shape
+    value_dim = v.shape[-1]
+    config = config or DEFAULT_CONFIG
+    value_block = config.value_block or value_dim
+    if not (_is_dot_dim(value_block) and value_dim % value_block == 0):
+        raise ValueError(f"config.value_block must be a power of two >= {_MIN_DOT_DIM} dividing V={value_dim}, "
+                         f"got {value_block}")
+    num_programs = batch * heads * (value_dim // value_block)
+    if config.forward_stages is None:
+        config = dataclasses.replace(config, forward_stages=_forward_stages(num_programs))
+    if config.chunk_parallel is None:
+        config = dataclasses.replace(
+            config, chunk_parallel=_chunk_parallel_pays(num_programs, pl.cdiv(seq_len, CHUNK)))
+    sixteen_bit = q.dtype in (jnp.bfloat16, jnp.float16)
+    return _Plan(
+        seq_len=seq_len, scale=float(scale), reverse=bool(reverse), has_initial_state=has_initial_state,
+        grid_side=grid_side(seq_len) if column_major else None,
+        value_block=value_block,
+        # bf16 keeps float32's exponent range, which the factorised scores need; f16 would overflow at e^11.
+        dot_dtype=jnp.dtype(jnp.bfloat16) if q.dtype == jnp.bfloat16 else jnp.dtype(jnp.float32),
+        state_dtype=jnp.dtype(jnp.bfloat16) if sixteen_bit else jnp.dtype(jnp.float32),
+        bf16_gates=g.dtype == jnp.bfloat16, guarded=False, chunk_parallel=config.chunk_parallel,
+        config=config, interpret=bool(interpret))
+
+
 def gla_triton(q, k, v, g, *, scale, initial_state, reverse, column_major=False, interpret=False, config=None):
     """Chunked GLA, forward and backward as Pallas Triton kernels.
 
@@ -806,29 +928,42 @@ def gla_triton(q, k, v, g, *, scale, initial_state, reverse, column_major=False,
     if not (_is_dot_dim(key_dim) and _is_dot_dim(value_dim)):
         return _with_dot_dims(q, k, v, g, initial_state, functools.partial(
             gla_triton, scale=scale, reverse=reverse, column_major=column_major, interpret=interpret, config=config))
-    batch, seq_len, heads, _ = q.shape
-    config = config or DEFAULT_CONFIG
-    value_block = config.value_block or value_dim
-    if not (_is_dot_dim(value_block) and value_dim % value_block == 0):
-        raise ValueError(f"config.value_block must be a power of two >= {_MIN_DOT_DIM} dividing V={value_dim}, "
-                         f"got {value_block}")
-    num_programs = batch * heads * (value_dim // value_block)
-    if config.forward_stages is None:
-        config = dataclasses.replace(config, forward_stages=_forward_stages(num_programs))
-    if config.chunk_parallel is None:
-        config = dataclasses.replace(
-            config, chunk_parallel=_chunk_parallel_pays(num_programs, pl.cdiv(seq_len, CHUNK)))
-    sixteen_bit = q.dtype in (jnp.bfloat16, jnp.float16)
-    plan = _Plan(
-        seq_len=seq_len, scale=float(scale), reverse=bool(reverse), has_initial_state=initial_state is not None,
-        grid_side=grid_side(seq_len) if column_major else None,
-        value_block=value_block,
-        # bf16 keeps float32's exponent range, which the factorised scores need; f16 would overflow at e^11.
-        dot_dtype=jnp.dtype(jnp.bfloat16) if q.dtype == jnp.bfloat16 else jnp.dtype(jnp.float32),
-        state_dtype=jnp.dtype(jnp.bfloat16) if sixteen_bit else jnp.dtype(jnp.float32),
-        bf16_gates=g.dtype == jnp.bfloat16, guarded=False, chunk_parallel=config.chunk_parallel,
-        config=config, interpret=bool(interpret))
+    plan = _make_plan(q, v, g, scale=scale, reverse=reverse, column_major=column_major,
+                      has_initial_state=initial_state is not None, interpret=interpret, config=config)
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
     return _gla(q, k, v, g, initial_state, plan)
 
+
+def packs(key_dim: int, value_dim: int, firsts: tuple[int, int, int]) -> bool:
+    """Whether `packed_forward` and `packed_backward` take heads of K and V channels whose q, k and v start at
+    columns `firsts` of their wide array."""
+    q_first, k_first, v_first = firsts
+    return (_is_dot_dim(key_dim) and _is_dot_dim(value_dim) and q_first % key_dim == 0 and k_first % key_dim == 0
+            and v_first % value_dim == 0)
+
+
+def packed_forward(q, k, v, g, *, scale, reverse, column_major=False, interpret=False):
+    """The forward kernels reading q, k and v where they lie in one wide array (`Columns`; no initial state):
+    (o [B, T, H, V] in v's dtype, residuals for `packed_backward`). Shapes as `packs` says. Not differentiable
+    itself: the caller's custom VJP calls `packed_backward`."""
+    plan = _make_plan(q, v, g, scale=scale, reverse=reverse, column_major=column_major, has_initial_state=False,
+                      interpret=interpret, config=None)
+    o, _, strength, (states,) = _forward(q, k, v, g, None, plan, with_states=True)
+    return o, tuple(checkpoint_name(x, CHECKPOINT_NAME) for x in (states, strength))
+
+
+def packed_backward(q, k, v, g, residuals, do, into, *, scale, reverse, column_major=False, interpret=False):
+    """The gradients of `packed_forward` for a cotangent do of o: dq, dk and dv written into the columns of `into`
+    [B, T, C] that q, k and v occupy in theirs (aliased: its other columns are kept), and dg [B, T, H, K]:
+    (into, dg)."""
+    plan = _make_plan(q, v, g, scale=scale, reverse=reverse, column_major=column_major, has_initial_state=False,
+                      interpret=interpret, config=None)
+    plan = dataclasses.replace(plan, grad_columns=(q.first, k.first, v.first))
+    states, strength = residuals
+    batch, _, heads, key_dim = q.shape
+    d_final = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)
+    d_states, _ = _state_grads(q, g, do.astype(v.dtype), d_final, plan)
+    inputs = (q, k, v, g, do.astype(v.dtype), states, d_states)
+    grads = _chunk_grad_call(*inputs, plan, into=into)
+    return tuple(_chunk_grad_call(*inputs, plan, fix_up=(strength, grads)))

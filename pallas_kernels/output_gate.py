@@ -122,21 +122,33 @@ def _backward_kernel(o_ref, g_ref, dz_ref, w_ref, do_ref, dg_ref, dw_ref, *, eps
     dw_ref[...] = jnp.sum(d_weight_rows, axis=0)
 
 
-def _rows_call(kernel, rows, vectors, out_shapes, *, tiles, eps, interpret, name):
-    """pallas_call over row blocks of `tiles`: `rows` [R, V] arrays (R a multiple of the block), `vectors` [V]
-    float32; outputs: [R, V] arrays, or [programs, V] float32 per-program sums."""
-    num_rows, value_dim = rows[0].shape
+class _Columns(NamedTuple):
+    """A 2-D operand of a gate kernel: `array` [R, C] whose head h is columns [first + h V, first + (h + 1) V)."""
+    array: jax.Array
+    first: int = 0
+
+
+def _rows_call(kernel, operands, vectors, outputs, *, heads, tiles, eps, interpret, name):
+    """pallas_call over grid (row blocks of `tiles`, heads): `operands` are _Columns of [R, C] arrays (R a multiple
+    of the block), `vectors` [V] float32; `outputs` are (ShapeDtypeStruct [R, C], first column) for arrays written by
+    head, or ShapeDtypeStruct [programs, V] float32 for per-program sums (program = row block * heads + head)."""
+    num_rows, value_dim = operands[0].array.shape[0], vectors[0].shape[0]
     block = tiles.rows(value_dim)
-    row_spec = pl.BlockSpec((block, value_dim), lambda i: (i, 0))
-    vector_spec = pl.BlockSpec((value_dim,), lambda i: (0,))
-    program_spec = pl.BlockSpec((None, value_dim), lambda i: (i, 0))
+
+    def column_spec(first):
+        first_block = first // value_dim
+        return pl.BlockSpec((block, value_dim), lambda i, h: (i, first_block + h))
+
+    program_spec = pl.BlockSpec((None, value_dim), lambda i, h: (i * heads + h, 0))
+    out_shapes = [out[0] if isinstance(out, tuple) else out for out in outputs]
     return pl.pallas_call(
-        functools.partial(kernel, eps=eps), grid=(num_rows // block,),
-        in_specs=[row_spec] * len(rows) + [vector_spec] * len(vectors),
-        out_specs=[row_spec if shape.shape[0] == num_rows else program_spec for shape in out_shapes],
+        functools.partial(kernel, eps=eps), grid=(num_rows // block, heads),
+        in_specs=[column_spec(x.first) for x in operands]
+        + [pl.BlockSpec((value_dim,), lambda i, h: (0,))] * len(vectors),
+        out_specs=[column_spec(out[1]) if isinstance(out, tuple) else program_spec for out in outputs],
         out_shape=out_shapes, interpret=interpret, name=f"{name}_e{tiles.elements}_w{tiles.num_warps}",
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=1),
-    )(*rows, *vectors)
+    )(*(x.array for x in operands), *vectors)
 
 
 def _as_rows(x, tiles):
@@ -146,22 +158,35 @@ def _as_rows(x, tiles):
     return jnp.pad(rows, ((0, padding), (0, 0))) if padding else rows
 
 
+def _forward_call(o, g, weight, *, heads, tiles, eps, interpret):
+    """z [R, C] (columns as o's) from _Columns o, g; `heads` blocks of V = weight's size per row."""
+    (z,) = _rows_call(_forward_kernel, [o, g], [weight.astype(jnp.float32)],
+                      [(jax.ShapeDtypeStruct(o.array.shape, o.array.dtype), o.first)], heads=heads, tiles=tiles,
+                      eps=eps, interpret=interpret, name="rms_norm_swish_gate")
+    return z
+
+
+def _backward_call(o, g, dz, weight, *, heads, tiles, eps, interpret):
+    """(do [R, C] as o, dg [R, C] as g (only g's columns written), d_weight [programs, V] partial sums)."""
+    value_dim = weight.shape[0]
+    programs = o.array.shape[0] // tiles.rows(value_dim) * heads
+    return _rows_call(
+        _backward_kernel, [o, g, dz], [weight.astype(jnp.float32)],
+        [(jax.ShapeDtypeStruct(o.array.shape, o.array.dtype), o.first),
+         (jax.ShapeDtypeStruct(g.array.shape, g.array.dtype), g.first),
+         jax.ShapeDtypeStruct((programs, value_dim), jnp.float32)],
+        heads=heads, tiles=tiles, eps=eps, interpret=interpret, name="rms_norm_swish_gate_backward")
+
+
 def _pallas_forward_rows(o, g, weight, *, tiles, eps, interpret):
-    o_rows, g_rows = _as_rows(o, tiles), _as_rows(g, tiles)
-    (z,) = _rows_call(_forward_kernel, [o_rows, g_rows], [weight.astype(jnp.float32)],
-                      [jax.ShapeDtypeStruct(o_rows.shape, o.dtype)], tiles=tiles, eps=eps, interpret=interpret,
-                      name="rms_norm_swish_gate")
+    z = _forward_call(_Columns(_as_rows(o, tiles)), _Columns(_as_rows(g, tiles)), weight, heads=1, tiles=tiles,
+                      eps=eps, interpret=interpret)
     return z[:math.prod(o.shape[:-1])].reshape(o.shape)
 
 
 def _pallas_backward_rows(o, g, dz, weight, *, tiles, eps, interpret):
-    o_rows, g_rows, dz_rows = (_as_rows(x, tiles) for x in (o, g, dz))
-    programs = o_rows.shape[0] // tiles.rows(o.shape[-1])
-    do, dg, d_weight = _rows_call(
-        _backward_kernel, [o_rows, g_rows, dz_rows], [weight.astype(jnp.float32)],
-        [jax.ShapeDtypeStruct(o_rows.shape, o.dtype), jax.ShapeDtypeStruct(g_rows.shape, g.dtype),
-         jax.ShapeDtypeStruct((programs, o.shape[-1]), jnp.float32)],
-        tiles=tiles, eps=eps, interpret=interpret, name="rms_norm_swish_gate_backward")
+    do, dg, d_weight = _backward_call(*(_Columns(_as_rows(x, tiles)) for x in (o, g, dz)), weight, heads=1,
+                                      tiles=tiles, eps=eps, interpret=interpret)
     rows = math.prod(o.shape[:-1])
     # One [1, V] sum per batch shard: per_batch_shard stacks them along the batch axis.
     return do[:rows].reshape(o.shape), dg[:rows].reshape(g.shape), d_weight.sum(0, keepdims=True)
@@ -204,6 +229,34 @@ def gate_pallas(o, g, weight, eps, *, interpret=False, forward_tiles=FORWARD_TIL
             raise ValueError(f"{name}={tiles} must give a power-of-two number of rows for V={o.shape[-1]} and "
                              "at least one warp")
     return _gate_pallas(o, g, weight, float(eps), bool(interpret), forward_tiles, backward_tiles)
+
+
+def packed_gate_fits(rows: int, value_dim: int, g_first: int) -> bool:
+    """Whether `packed_gate_forward` / `packed_gate_backward` take these shapes: V a kernel width, g's first column
+    on a V boundary, and the N * T rows a whole number of both kernels' row blocks (no padding of the wide array)."""
+    return (_kernel_fits(value_dim) and g_first % value_dim == 0
+            and all(rows % tiles.rows(value_dim) == 0 for tiles in (FORWARD_TILES, BACKWARD_TILES)))
+
+
+def packed_gate_forward(o, packed, weight, *, g_first: int, eps: float, interpret: bool = False):
+    """The forward kernel with g read in place out of a wider array (no copy of g): o [N, T, H, V] and packed
+    [N, T, C] whose columns [g_first, g_first + H V) are g, head-major as o -> z [N, T, H, V]. Shapes as
+    `packed_gate_fits` says; run per batch shard by the caller."""
+    n, t, heads, value_dim = o.shape
+    z = _forward_call(_Columns(o.reshape(n * t, heads * value_dim)), _Columns(packed.reshape(n * t, -1), g_first),
+                      weight, heads=heads, tiles=FORWARD_TILES, eps=eps, interpret=interpret)
+    return z.reshape(o.shape)
+
+
+def packed_gate_backward(o, packed, dz, weight, *, g_first: int, eps: float, interpret: bool = False):
+    """The backward kernel of `packed_gate_forward`: (do [N, T, H, V], d_packed [N, T, C] with g's gradient in g's
+    columns and the other columns left unwritten for the caller to fill, d_weight [1, V] float32)."""
+    n, t, heads, value_dim = o.shape
+    as_columns = lambda x: _Columns(x.reshape(n * t, heads * value_dim))  # noqa: E731
+    do, d_packed, d_weight = _backward_call(
+        as_columns(o), _Columns(packed.reshape(n * t, -1), g_first), as_columns(dz), weight, heads=heads,
+        tiles=BACKWARD_TILES, eps=eps, interpret=interpret)
+    return do.reshape(o.shape), d_packed.reshape(packed.shape), d_weight.sum(0, keepdims=True)
 
 
 IMPLS = {"xla": gate_xla, "pallas": gate_pallas}

@@ -24,10 +24,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 
 from dig_jax.models import sequence_parallel
 from dig_jax.models.layers import (
@@ -45,9 +43,9 @@ from dig_jax.models.layers import (
 from pallas_kernels import (
     CONV_IMPLS,
     GLA_IMPLS,
-    chunk_gla,
     depthwise_conv3x3,
-    rms_norm_swish_gate,
+    gated_gla,
+    gated_gla_split,
     sequence_parallel_chunk_gla,
     swiglu,
     transpose_grid,
@@ -134,39 +132,40 @@ class GatedLinearAttention(nnx.Module):
         self.o_proj = linear(value_dim, hidden_size, rngs=rngs, dtype=dtype, use_bias=False, kernel_init=init)
         self.g_norm_weight = nnx.Param(jnp.ones((value_dim // num_heads,), jnp.float32))
 
-    def _heads(self, x):
-        return x.reshape(*x.shape[:2], self.num_heads, -1)
-
-    def project_input(self, x):
-        """x [N, T, D] -> q, k [N, T, H, K/H], v, g [N, T, H, V/H] and log_forget [N, T, H, K/H] (float32).
-
-        The five projections of x are one Linear (`in_proj`, the official kernels side by side): x is read once,
-        its gradient is one matmul instead of a sum of five, and the optimizer updates one array instead of five:
-        fewer, larger kernels in a step made of many small ones (DiG-S/2).
-        The five parts leave the matmul's output as separate arrays (the barrier): otherwise XLA:GPU lets the output
-        gate's backward read g out of the whole [N, T, 3 D + 16] product, keeping it alive from the forward to the
-        backward pass next to the copies of q, k and v the GLA kernels keep (DiG-S/2 step, H200, 2026-12-03).
-        """
-        parts = jnp.split(self.in_proj(x), np.cumsum(self.input_widths[:-1]), axis=-1)
-        q, k, v, g, gate_code = lax.optimization_barrier(tuple(parts))
-        log_forget = log_forget_gate(self.gk_proj_up(gate_code).astype(jnp.float32))
-        return self._heads(q), self._heads(k), self._heads(v), self._heads(g), self._heads(log_forget)
-
     def __call__(self, x, *, reverse: bool = False, column_major: bool = False):
         """x [N, T, D] -> [N, T, D], causal over T (anti-causal when reverse); column_major: over the square grid
-        of the T raster-ordered tokens column by column (`chunk_gla`), not with a sequence split over devices."""
-        q, k, v, g, log_forget = self.project_input(x)
+        of the T raster-ordered tokens column by column (`chunk_gla`), not with a sequence split over devices.
+
+        The five projections of x are one Linear (`in_proj`, the official kernels side by side): x is read once,
+        its gradient is one matmul instead of a sum of five, and the optimizer updates one array instead of five.
+        `gated_gla` takes the product as it is: on GPUs its kernels read q, k, v and g in place and write their
+        gradients into one array, so the product is neither split nor its gradient concatenated.
+        """
+        up = self.gk_proj_up
+        forget_params = tuple(p[...].astype(up.dtype) if up.dtype else p[...] for p in (up.kernel, up.bias))
+        options = dict(num_heads=self.num_heads, key_dim=self.input_widths[0], value_dim=self.input_widths[2],
+                       forget_fn=log_forget_from_code, eps=RMS_NORM_EPS, gate_impl=self.gate_impl,
+                       output_name=SEQUENCE_MIXER_OUTPUT)
+        projection = self.in_proj(x)
         if sequence_parallel.is_split(self.sequence_axis):  # x: this device's piece of the sequence
             if column_major:
                 raise ValueError("column_major needs each image's whole sequence on one device; with the tokens "
                                  "split over the sequence axis, permute them (permute_tokens) and scan in raster order")
-            o, _ = sequence_parallel_chunk_gla(q, k, v, log_forget, axis_name=self.sequence_axis, reverse=reverse,
-                                               impl=self.gla_impl)
+            scan = functools.partial(sequence_parallel_chunk_gla, axis_name=self.sequence_axis, reverse=reverse,
+                                     impl=self.gla_impl)
+            z = gated_gla_split(projection, forget_params, self.g_norm_weight[...], gla=lambda *a: scan(*a)[0],
+                                **options)
         else:
-            o, _ = chunk_gla(q, k, v, log_forget, reverse=reverse, column_major=column_major, impl=self.gla_impl)
-        o = checkpoint_name(o, SEQUENCE_MIXER_OUTPUT)
-        o = rms_norm_swish_gate(o, g, self.g_norm_weight[...], eps=RMS_NORM_EPS, impl=self.gate_impl).astype(x.dtype)
-        return self.o_proj(o.reshape(*x.shape[:2], -1))
+            z = gated_gla(projection, forget_params, self.g_norm_weight[...], reverse=reverse,
+                          column_major=column_major, gla_impl=self.gla_impl, **options)
+        return self.o_proj(z.astype(x.dtype).reshape(*x.shape[:2], -1))
+
+
+def log_forget_from_code(code, params):
+    """fla's log forget gate [N, T, K] from its low-rank code [N, T, 16]: log_forget_gate(gk_proj_up(code)), with
+    params = (kernel [16, K], bias [K]) already in the Linear's compute dtype."""
+    kernel, bias = params
+    return log_forget_gate((code @ kernel + bias).astype(jnp.float32))
 
 
 @jax.custom_vjp
