@@ -8,8 +8,8 @@ it splits the product (`pallas_kernels.gla_layer.gated_gla_split`) the parts' gr
 kernels, so autodiff ("concatenate") writes them into one [T, 2K + 2V + 16] array before the two backward matmuls;
 in the DiG-XL/2 step that concatenate cost 42 us per block (docs/benchmarks.md). On GPUs the model now takes the
 packed path of `gated_gla`, whose kernels write the gradients into one array in place (benchmarks/gla_layer.py).
-"per_part" has a custom VJP that reads
-the five gradients where they lie: dx as five matmuls summed, the kernel gradient as five matmuls side by side.
+"per_part" has a custom VJP that reads the five gradients where they lie: dx as five matmuls summed, the kernel
+gradient as five matmuls side by side.
 "split_forward" is the other way round: the forward pass writes each part with a matmul of its own (no copies out
 of the product, which the Pallas kernels that read the parts need as arrays of their own), the backward pass is
 autodiff's (the concatenate, then one matmul for dx and one for the kernel gradient).
