@@ -8,8 +8,8 @@ from flax import nnx
 from jax.extend import core as jax_core
 
 from dig_jax.models import create_model, model_config
-from dig_jax.models import dig as dig_module
 from dig_jax.models.flops import GLA_CHUNK, dig_block_macs_per_token, forward_flops_per_image, tokens_per_image
+from pallas_kernels import gla_layer
 
 TINY = dict(input_size=8, depth=3, hidden_size=64, num_heads=2, num_classes=10)
 
@@ -50,7 +50,7 @@ def test_dit_count_equals_traced_matmuls():
 def test_dig_count_equals_traced_matmuls_plus_gla_and_conv(name, monkeypatch):
     """With the GLA op replaced by a copy of v (no products), the traced matmuls are the count without the GLA's
     work and the conv's multiply-adds (the CPU conv path is elementwise)."""
-    monkeypatch.setattr(dig_module, "chunk_gla", lambda q, k, v, g, **_: (v, None))
+    monkeypatch.setattr(gla_layer, "chunk_gla", lambda q, k, v, g, **_: (v, None))
     config = dict(TINY, depth=4) if name.endswith("-U") else TINY
     model = create_model(name, rngs=nnx.Rngs(0), **config)
     c = model.config
