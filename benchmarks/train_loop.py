@@ -29,11 +29,13 @@ from results import report
 from step_timing import time_step_calls
 
 
-def write_random_latents(directory: str, num_records: int, latent_size: int = 32, num_classes: int = 1000) -> None:
-    """A complete latent dir of random moments (mean, log-variance) with flipped views (dig_jax.data.latents)."""
+def write_random_latents(directory: str, num_records: int, latent_size: int = 32, num_classes: int = 1000,
+                         writer_options: str | None = None) -> None:
+    """A complete latent dir of random moments (mean, log-variance) with flipped views (dig_jax.data.latents), its
+    shards written with `writer_options` (default: the format's, as `python -m dig_jax.encode` writes them)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from dig_jax.data.latents import LatentLayout, serialize_records, write_metadata
+    from dig_jax.data.latents import SHARD_WRITER_OPTIONS, LatentLayout, serialize_records, write_metadata
 
     layout = LatentLayout(split="train", num_records=num_records, shard_size=num_records // 4, image_size=256,
                           latent_shape=(latent_size, latent_size, 4), dtype="float16", flipped=True,
@@ -44,7 +46,8 @@ def write_random_latents(directory: str, num_records: int, latent_size: int = 32
         indices = layout.shard_range(shard)
         moments = rng.standard_normal((len(indices), *layout.moments_shape), np.float32)
         moments[..., 4:] = -2.0  # log-variance
-        writer = ArrayRecordWriter(os.path.join(directory, layout.shard_name(shard)), "group_size:1")
+        writer = ArrayRecordWriter(os.path.join(directory, layout.shard_name(shard)),
+                                   writer_options or SHARD_WRITER_OPTIONS)
         for record in serialize_records(layout, moments, rng.integers(0, num_classes, len(indices))):
             writer.write(record)
         writer.close()

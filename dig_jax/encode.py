@@ -31,6 +31,7 @@ from dig_jax.config_cli import parse_config_flags
 from dig_jax.data import create_dataset
 from dig_jax.data.latents import (
     METADATA_FILE,
+    SHARD_WRITER_OPTIONS,
     STORAGE_DTYPES,
     LatentLayout,
     read_metadata,
@@ -41,9 +42,6 @@ from dig_jax.data.latents import (
 from dig_jax.data_space import check_data_dir, check_vae_compute_dtype
 from dig_jax.vae import diffusers_config, load_vae
 from dig_jax.vae_programs import make_encode_fn
-
-# One record per group: random access reads only the record asked for (ArrayRecordDataSource requires it).
-_WRITER_OPTIONS = "group_size:1"
 
 
 class EncodeError(RuntimeError):
@@ -128,7 +126,7 @@ def encode_shard(layout: LatentLayout, source, encode_fn, path: epath.Path, indi
                  read_threads: int) -> None:
     """Writes the records of source[indices] to `path` (through a temporary file renamed at the end)."""
     temporary = path.parent / f"{path.name}.tmp"  # a leftover from an interrupted run is overwritten
-    writer = ArrayRecordWriter(str(temporary), _WRITER_OPTIONS)
+    writer = ArrayRecordWriter(str(temporary), SHARD_WRITER_OPTIONS)
     try:
         pending = None  # the previous batch: written while the device encodes the next one
         for images, labels in _image_batches(source, indices, batch_size, read_threads):

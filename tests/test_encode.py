@@ -15,7 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from safetensors.numpy import load_file
 
 from dig_jax import encode
@@ -98,8 +98,11 @@ def test_metadata_describes_the_complete_dir(encoded, vae_dir):
     assert layout.source == repr(ShapesDataset(image_size=IMAGE_SIZE, num_images=NUM_IMAGES))
     assert layout.vae_sha256 == vae_sha256(vae_dir)
     assert json.loads(open(os.path.join(encoded, METADATA_FILE)).read())["record_bytes"] == 4 + 2 * 8 * 8 * 8 * 2
-    assert sorted(f for f in os.listdir(encoded) if f != METADATA_FILE) == [
-        f"latents-train.array_record-{i:05d}-of-00003" for i in range(3)]
+    shards = sorted(f for f in os.listdir(encoded) if f != METADATA_FILE)
+    assert shards == [f"latents-train.array_record-{i:05d}-of-00003" for i in range(3)]
+    for shard in shards:  # one record per group, stored uncompressed (SHARD_WRITER_OPTIONS)
+        options = ArrayRecordReader(os.path.join(encoded, shard)).writer_options_string().split(",")
+        assert "group_size:1" in options and "uncompressed" in options
 
 
 def test_records_hold_the_vae_posterior_of_the_image_and_its_mirror(encoded, vae_dir):

@@ -28,6 +28,12 @@ from etils import epath
 from dig_jax.vae import WEIGHTS_FILE
 
 FORMAT = "dig_jax.latents/1"  # the format's name, recorded in every metadata.json: kept as is so old dirs read
+# ArrayRecord options of the shards: one record per group (random access reads only the record asked for, which
+# ArrayRecordDataSource requires) and no compression. Float16 moments barely compress (ArrayRecord's default zstd
+# saved 8% on random ones), and decompressing took a random record read from 36-39 to 62 us on a CPU, in the
+# loader that feeds small models (docs/benchmarks.md, "Latent shards without compression"). Readers take either:
+# the compression is in each shard's header.
+SHARD_WRITER_OPTIONS = "group_size:1,uncompressed"
 METADATA_FILE = "metadata.json"
 STORAGE_DTYPES = ("float16", "float32")
 
