@@ -52,6 +52,20 @@ class _Layout:
     interpret: bool
 
     @property
+    def key_width(self) -> int:
+        return self.key_dim // self.num_heads
+
+    @property
+    def value_width(self) -> int:
+        return self.value_dim // self.num_heads
+
+    @property
+    def scan_options(self) -> dict:
+        """The keyword arguments of gla_triton.packed_forward and packed_backward."""
+        return dict(scale=self.key_width ** -0.5, reverse=self.reverse, column_major=self.column_major,
+                    interpret=self.interpret)
+
+    @property
     def firsts(self) -> tuple[int, int, int, int, int]:
         """First columns of q, k, v, g and the code."""
         k, v = self.key_dim, self.value_dim
@@ -60,19 +74,17 @@ class _Layout:
     def columns(self, projection):
         """q, k, v as `gla_triton.Columns` of the projection."""
         q_first, k_first, v_first, _, _ = self.firsts
-        key_width, value_width = self.key_dim // self.num_heads, self.value_dim // self.num_heads
-        return (gla_triton.Columns(projection, q_first, self.num_heads, key_width),
-                gla_triton.Columns(projection, k_first, self.num_heads, key_width),
-                gla_triton.Columns(projection, v_first, self.num_heads, value_width))
+        return (gla_triton.Columns(projection, q_first, self.num_heads, self.key_width),
+                gla_triton.Columns(projection, k_first, self.num_heads, self.key_width),
+                gla_triton.Columns(projection, v_first, self.num_heads, self.value_width))
 
     def kernels_fit(self, projection) -> bool:
         q_first, k_first, v_first, g_first, _ = self.firsts
-        key_width, value_width = self.key_dim // self.num_heads, self.value_dim // self.num_heads
         mesh = jax.sharding.get_abstract_mesh()
         batch_shards = math.prod(mesh.shape[axis] for axis in ambient_batch_axes(projection.shape[0]))
         rows = projection.shape[0] // batch_shards * projection.shape[1]  # per batch shard: the kernels' view
-        return (gla_triton.packs(key_width, value_width, (q_first, k_first, v_first))
-                and output_gate.packed_gate_fits(rows, value_width, g_first))
+        return (gla_triton.packs(self.key_width, self.value_width, (q_first, k_first, v_first))
+                and output_gate.packed_gate_fits(rows, self.value_width, g_first))
 
 
 def _check_inputs(projection, norm_weight, num_heads, key_dim, value_dim):
@@ -155,37 +167,31 @@ def _packed_forward(projection, forget_params, norm_weight, layout):
     code = projection[..., layout.firsts[-1]:]
     log_forget, forget_vjp = jax.vjp(layout.forget_fn, code, forget_params)
     log_forget = log_forget.reshape(*log_forget.shape[:2], layout.num_heads, -1)
-    scale = (layout.key_dim // layout.num_heads) ** -0.5
 
     def kernels(projection, log_forget, norm_weight):
-        o, gla_residuals = gla_triton.packed_forward(
-            *layout.columns(projection), log_forget, scale=scale, reverse=layout.reverse,
-            column_major=layout.column_major, interpret=layout.interpret)
+        o, gla_residuals = gla_triton.packed_forward(*layout.columns(projection), log_forget, **layout.scan_options)
         if layout.output_name:
             o = checkpoint_name(o, layout.output_name)
         z = output_gate.packed_gate_forward(o, projection, norm_weight, g_first=layout.firsts[3], eps=layout.eps,
                                             interpret=layout.interpret)
         return z, o, *gla_residuals
 
-    z, o, *gla_residuals = per_batch_shard(kernels, (projection, log_forget), (norm_weight,))
-    return z, (projection, norm_weight, log_forget, o, tuple(gla_residuals), forget_vjp)
+    z, o, states, strength = per_batch_shard(kernels, (projection, log_forget), (norm_weight,))
+    return z, (projection, norm_weight, log_forget, o, states, strength, forget_vjp)
 
 
 def _packed_backward(layout, residuals, dz):
-    projection, norm_weight, log_forget, o, gla_residuals, forget_vjp = residuals
-    scale = (layout.key_dim // layout.num_heads) ** -0.5
+    projection, norm_weight, log_forget, o, states, strength, forget_vjp = residuals
 
-    def kernels(projection, log_forget, o, dz, *gla_residuals_and_weight):
-        *gla_residuals, norm_weight = gla_residuals_and_weight
+    def kernels(projection, log_forget, o, dz, states, strength, norm_weight):
         do, d_projection, d_norm_weight = output_gate.packed_gate_backward(
             o, projection, dz, norm_weight, g_first=layout.firsts[3], eps=layout.eps, interpret=layout.interpret)
         d_projection, d_log_forget = gla_triton.packed_backward(
-            *layout.columns(projection), log_forget, tuple(gla_residuals), do, d_projection, scale=scale,
-            reverse=layout.reverse, column_major=layout.column_major, interpret=layout.interpret)
+            *layout.columns(projection), log_forget, (states, strength), do, d_projection, **layout.scan_options)
         return d_projection, d_log_forget, d_norm_weight
 
     d_projection, d_log_forget, d_norm_weight = per_batch_shard(
-        kernels, (projection, log_forget, o, dz, *gla_residuals), (norm_weight,))
+        kernels, (projection, log_forget, o, dz, states, strength), (norm_weight,))
     d_code, d_forget_params = forget_vjp(d_log_forget.reshape(*d_log_forget.shape[:2], -1))
     d_projection = lax.dynamic_update_slice_in_dim(d_projection, d_code.astype(projection.dtype),
                                                    layout.firsts[-1], axis=-1)

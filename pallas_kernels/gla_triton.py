@@ -542,10 +542,12 @@ def _array(x):
     return x.array if isinstance(x, Columns) else x
 
 
-def _rows_spec(x, width, *, blocked=False):
+def _rows_spec(x, width=None, *, blocked=False):
     """BlockSpec of one (batch, head)'s [T, width] rows of sequence operand x ([B, T, H, X] array or `Columns`) on
-    grids (B, H, ...); blocked: the grid's third index picks which width-wide block of the head's X columns."""
+    grids (B, H, ...), width X by default; blocked: the grid's third index picks which width-wide block of the
+    head's X columns."""
     seq_len, head_width = x.shape[1], x.shape[3]
+    width = width or head_width
     part = (lambda rest: rest[0]) if blocked else (lambda rest: 0)  # noqa: E731
     if isinstance(x, Columns):
         first, per_head = x.first // width, head_width // width
@@ -562,9 +564,7 @@ def _state_specs(key_dim, seq_len, block):
 
 def _sequential_in_specs(q, k, v, g, plan):
     """The sequential kernels' specs of q, k, v (its V block) and g."""
-    key_dim = q.shape[-1]
-    return [_rows_spec(q, key_dim), _rows_spec(k, key_dim), _rows_spec(v, plan.value_block, blocked=True),
-            _rows_spec(g, key_dim)]
+    return [_rows_spec(q), _rows_spec(k), _rows_spec(v, plan.value_block, blocked=True), _rows_spec(g)]
 
 
 def _strength_spec(value_blocks):
@@ -631,7 +631,7 @@ def _state_grad_call(q, g, do, d_final, plan):
         out_specs.append(state_spec)
     return pl.pallas_call(
         functools.partial(_state_grad_kernel, plan=plan), grid=(batch, heads, value_dim // block),
-        in_specs=[_rows_spec(q, key_dim), _rows_spec(g, key_dim), _rows_spec(do, block, blocked=True), state_spec],
+        in_specs=[_rows_spec(q), _rows_spec(g), _rows_spec(do, block, blocked=True), state_spec],
         out_specs=out_specs, out_shape=out_shape, interpret=plan.interpret, name="gla_state_grad",
         compiler_params=_compiler_params(plan.config.state_grad_warps, plan.config.state_grad_stages),
     )(_array(q), g, do, d_final)
@@ -685,10 +685,9 @@ def _chunk_grad_call(q, k, v, g, do, states, d_states, plan, fix_up=None, into=N
     fix_up: (that array, dg)."""
     key_dim, value_dim = q.shape[-1], v.shape[-1]
     states_spec = _states_spec(plan, key_dim, value_dim)
-    in_specs = [_rows_spec(q, key_dim), _rows_spec(k, key_dim), _rows_spec(v, value_dim), _rows_spec(g, key_dim),
-                _rows_spec(do, value_dim), states_spec, states_spec]
+    in_specs = [*(_rows_spec(x) for x in (q, k, v, g, do)), states_spec, states_spec]
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g)]
-    out_specs = [_rows_spec(x, x.shape[-1]) for x in out_shape]
+    out_specs = [_rows_spec(x) for x in out_shape]
     if plan.grad_columns is not None:
         wide = into if fix_up is None else fix_up[1][0]
         out_shape = [jax.ShapeDtypeStruct(wide.shape, wide.dtype), out_shape[-1]]
@@ -705,9 +704,8 @@ def _output_call(q, k, v, g, states, plan, fix_up=None):
     o_like = jax.ShapeDtypeStruct(v.shape, v.dtype)
     (o,) = _per_chunk_call(
         _output_kernel, "gla_output", [q, k, v, g, states],
-        [_rows_spec(q, key_dim), _rows_spec(k, key_dim), _rows_spec(v, value_dim), _rows_spec(g, key_dim),
-         _states_spec(plan, key_dim, value_dim)],
-        [o_like], [_rows_spec(o_like, value_dim)], plan, _compiler_params(plan.config.forward_warps, 1), fix_up)
+        [*(_rows_spec(x) for x in (q, k, v, g)), _states_spec(plan, key_dim, value_dim)],
+        [o_like], [_rows_spec(o_like)], plan, _compiler_params(plan.config.forward_warps, 1), fix_up)
     return o
 
 
@@ -725,7 +723,7 @@ def _summary_call(x, y, g, plan, *, to_end, with_strength):
         out_shape.append(jax.ShapeDtypeStruct((batch, heads, num_chunks), jnp.float32))
     contributions, totals, *strength = pl.pallas_call(
         functools.partial(_chunk_summary_kernel, plan=plan, to_end=to_end), grid=(batch, heads, num_chunks),
-        in_specs=[_rows_spec(x, key_dim), _rows_spec(y, value_dim), _rows_spec(g, key_dim)], out_specs=out_specs,
+        in_specs=[_rows_spec(x), _rows_spec(y), _rows_spec(g)], out_specs=out_specs,
         out_shape=out_shape, interpret=plan.interpret, name="gla_chunk_summary",
         compiler_params=_compiler_params(_CHUNK_PARALLEL_WARPS, 1),
     )(_array(x), _array(y), g)
@@ -796,21 +794,32 @@ def _gla(q, k, v, g, initial_state, plan):
     return o, final_state
 
 
-def _gla_forward(q, k, v, g, initial_state, plan):
+def _forward_for_backward(q, k, v, g, initial_state, plan):
+    """(o, final_state, kernel residuals): the forward with the per-chunk states and gate strengths that
+    `_backward` reads, named CHECKPOINT_NAME for remat policies."""
     o, final_state, strength, (states,) = _forward(q, k, v, g, initial_state, plan, with_states=True)
-    states, strength = (checkpoint_name(x, CHECKPOINT_NAME) for x in (states, strength))
-    return (o, final_state), (q, k, v, g, states, strength)
+    return o, final_state, tuple(checkpoint_name(x, CHECKPOINT_NAME) for x in (states, strength))
 
 
-def _gla_backward(plan, residuals, cotangents):
-    q, k, v, g, states, strength = residuals
-    do, d_final = cotangents
+def _backward(q, k, v, g, kernel_residuals, do, d_final, plan, into=None):
+    """((dq, dk, dv, dg), or with plan.grad_columns (into, dg): see `_chunk_grad_call`; dL/dinitial_state or None)."""
+    states, strength = kernel_residuals
     do = do.astype(v.dtype)
     d_states, d_initial = _state_grads(q, g, do, d_final.astype(jnp.float32), plan)
     inputs = (q, k, v, g, do, states, d_states)
-    grads = _chunk_grad_call(*inputs, plan)
-    dq, dk, dv, dg = _chunk_grad_call(*inputs, plan, fix_up=(strength, grads))
-    return dq, dk, dv, dg, d_initial
+    grads = _chunk_grad_call(*inputs, plan, into=into)
+    return tuple(_chunk_grad_call(*inputs, plan, fix_up=(strength, grads))), d_initial
+
+
+def _gla_forward(q, k, v, g, initial_state, plan):
+    o, final_state, kernel_residuals = _forward_for_backward(q, k, v, g, initial_state, plan)
+    return (o, final_state), (q, k, v, g, kernel_residuals)
+
+
+def _gla_backward(plan, residuals, cotangents):
+    q, k, v, g, kernel_residuals = residuals
+    grads, d_initial = _backward(q, k, v, g, kernel_residuals, *cotangents, plan)
+    return *grads, d_initial
 
 
 _gla.defvjp(_gla_forward, _gla_backward)
@@ -943,27 +952,27 @@ def packs(key_dim: int, value_dim: int, firsts: tuple[int, int, int]) -> bool:
             and v_first % value_dim == 0)
 
 
+def _packed_plan(q, v, g, **options):
+    return _make_plan(q, v, g, has_initial_state=False, config=None, **options)
+
+
 def packed_forward(q, k, v, g, *, scale, reverse, column_major=False, interpret=False):
     """The forward kernels reading q, k and v where they lie in one wide array (`Columns`; no initial state):
     (o [B, T, H, V] in v's dtype, residuals for `packed_backward`). Shapes as `packs` says. Not differentiable
     itself: the caller's custom VJP calls `packed_backward`."""
-    plan = _make_plan(q, v, g, scale=scale, reverse=reverse, column_major=column_major, has_initial_state=False,
-                      interpret=interpret, config=None)
-    o, _, strength, (states,) = _forward(q, k, v, g, None, plan, with_states=True)
-    return o, tuple(checkpoint_name(x, CHECKPOINT_NAME) for x in (states, strength))
+    plan = _packed_plan(q, v, g, scale=scale, reverse=reverse, column_major=column_major, interpret=interpret)
+    o, _, kernel_residuals = _forward_for_backward(q, k, v, g, None, plan)
+    return o, kernel_residuals
 
 
 def packed_backward(q, k, v, g, residuals, do, into, *, scale, reverse, column_major=False, interpret=False):
     """The gradients of `packed_forward` for a cotangent do of o: dq, dk and dv written into the columns of `into`
     [B, T, C] that q, k and v occupy in theirs (aliased: its other columns are kept), and dg [B, T, H, K]:
     (into, dg)."""
-    plan = _make_plan(q, v, g, scale=scale, reverse=reverse, column_major=column_major, has_initial_state=False,
-                      interpret=interpret, config=None)
-    plan = dataclasses.replace(plan, grad_columns=(q.first, k.first, v.first))
-    states, strength = residuals
+    plan = dataclasses.replace(
+        _packed_plan(q, v, g, scale=scale, reverse=reverse, column_major=column_major, interpret=interpret),
+        grad_columns=(q.first, k.first, v.first))
     batch, _, heads, key_dim = q.shape
-    d_final = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)
-    d_states, _ = _state_grads(q, g, do.astype(v.dtype), d_final, plan)
-    inputs = (q, k, v, g, do.astype(v.dtype), states, d_states)
-    grads = _chunk_grad_call(*inputs, plan, into=into)
-    return tuple(_chunk_grad_call(*inputs, plan, fix_up=(strength, grads)))
+    d_final = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)  # the final state is not an output
+    grads, _ = _backward(q, k, v, g, residuals, do, d_final, plan, into=into)
+    return grads
