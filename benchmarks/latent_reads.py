@@ -1,5 +1,6 @@
 """How fast the 'latents' dataset reads, by the ArrayRecord options its shards were written with: one record in random
-order (`LatentDataset[i]`: read and parse) and the loader alone (batches of 32, in this process, no read-ahead).
+order (`LatentDataset[i]`: read and parse) and the loader alone (batches of 32, in this process, no read-ahead), a
+batch at a time (`read_batch`, the default) and record by record through grain with 0 and 16 read threads.
 
     python benchmarks/latent_reads.py --records 4096 --out latent_reads.jsonl
 
@@ -28,8 +29,9 @@ def record_us(dataset, count: int) -> float:
     return 1e6 * (time.perf_counter() - started) / count
 
 
-def loader_images_per_s(dataset, read_threads: int, batches: int) -> float:
-    loader = make_loader(dataset, global_batch_size=32, seed=0, read_threads=read_threads, prefetch=0)
+def loader_images_per_s(dataset, batches: int, batch_reads: bool, read_threads: int = 0) -> float:
+    loader = make_loader(dataset, global_batch_size=32, seed=0, batch_reads=batch_reads, read_threads=read_threads,
+                         prefetch=0)
     try:
         next(loader)  # starts the reading threads
         started = time.perf_counter()
@@ -54,13 +56,16 @@ def main():
             write_random_latents(directory, args.records, writer_options=options)
             dataset = LatentDataset(data_dir=directory)
             row = {"options": options, "record_us": record_us(dataset, min(args.records, 2000)),
-                   **{f"loader_threads_{n}_img_s": loader_images_per_s(dataset, n, args.batches) for n in (0, 16)}}
+                   "loader_batch_reads_img_s": loader_images_per_s(dataset, args.batches, batch_reads=True),
+                   **{f"loader_threads_{n}_img_s": loader_images_per_s(dataset, args.batches, False, n)
+                      for n in (0, 16)}}
         rows.append(row)
         report(row, args.out)
-    print(f"\n{'writer options':28} {'us per record':>13} {'loader img/s, 0 threads':>24} {'16 threads':>11}")
+    print(f"\n{'writer options':28} {'us per record':>13} {'loader img/s: batch reads':>26} "
+          f"{'per record, 0 threads':>21} {'16 threads':>11}")
     for r in rows:
-        print(f"{r['options']:28} {r['record_us']:13.1f} {r['loader_threads_0_img_s']:24.0f} "
-              f"{r['loader_threads_16_img_s']:11.0f}")
+        print(f"{r['options']:28} {r['record_us']:13.1f} {r['loader_batch_reads_img_s']:26.0f} "
+              f"{r['loader_threads_0_img_s']:21.0f} {r['loader_threads_16_img_s']:11.0f}")
 
 
 if __name__ == "__main__":

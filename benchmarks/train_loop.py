@@ -3,14 +3,15 @@
     python benchmarks/train_loop.py --models DiG-S/2,DiG-XL/2 --datasets shapes,latents --worker_counts 0,4 \
         --out loop.jsonl
 
-Per (model, dataset, config.data.worker_count), in its own process: (1) the training loop runs `--steps` steps into
-a fresh workdir and the images/s it logs are read back from metrics.jsonl (the first interval, which holds
-compilation, is dropped); (2) the same config's jitted step (`build_trainer`) runs back to back on one batch already
-on the device, as the loop dispatches them (step_timing.time_step_calls, "pipelined"). The ratio (1)/(2) is what the
-input pipeline and the loop's host work cost; "data wait" is the time per step the loop spent waiting for its next
-batches and "dispatch" the time per step the step call took on the host (it returns before the device runs it), so
-the rest of the gap (loop ms - step ms - data wait) is the loop's own host work. The JSON rows also give
-the step's synchronous time (each call waited for): its excess over the step time is host dispatch and launch gap.
+Per (model, dataset, config.data.worker_count), in its own process ('latents' is read a batch at a time, as
+config.data.batch_reads does by default; with --batch_reads 0 record by record, by the workers): (1) the training loop
+runs `--steps` steps into a fresh workdir and the images/s it logs are read back from metrics.jsonl (the first interval,
+which holds compilation, is dropped); (2) the same config's jitted step (`build_trainer`) runs back to back on one batch
+already on the device, as the loop dispatches them (step_timing.time_step_calls, "pipelined"). The ratio (1)/(2) is what
+the input pipeline and the loop's host work cost; "data wait" is the time per step the loop spent waiting for its next
+batches and "dispatch" the time per step the step call took on the host (it returns before the device runs it), so the
+rest of the gap (loop ms - step ms - data wait) is the loop's own host work. The JSON rows also give the step's
+synchronous time (each call waited for): its excess over the step time is host dispatch and launch gap.
 Datasets: "shapes" (the built-in images, 32 px, pixel space) and "latents" (32x32x4 latents, as for 256 px
 ImageNet, written here as random moments in the format `python -m dig_jax.encode` writes). bf16 compute.
 """
@@ -55,7 +56,7 @@ def write_random_latents(directory: str, num_records: int, latent_size: int = 32
 
 
 def case_config(model_name: str, dataset: str, data_dir: str, steps: int, batch: int, steps_per_call: int,
-                workers: int, read_threads: int | None = None):
+                workers: int, read_threads: int | None = None, batch_reads: bool = True):
     from dig_jax.config_base import base_config
 
     c = base_config()
@@ -69,6 +70,7 @@ def case_config(model_name: str, dataset: str, data_dir: str, steps: int, batch:
     c.checkpoint_every = steps
     c.sample.per_class = 0
     c.data.worker_count = workers
+    c.data.batch_reads = batch_reads
     if dataset == "shapes":
         c.data.name, c.data.space, c.data.image_size = "shapes", "pixel", 32
         c.model.input_size, c.model.in_channels, c.model.num_classes = 32, 3, 12
@@ -82,7 +84,7 @@ def case_config(model_name: str, dataset: str, data_dir: str, steps: int, batch:
 
 
 def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_call: int, workers: int,
-             read_threads: int | None) -> dict:
+             read_threads: int | None, batch_reads: bool) -> dict:
     import jax
 
     import dig_jax.train
@@ -116,7 +118,8 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
         if dataset == "latents":
             os.makedirs(data_dir)
             write_random_latents(data_dir, num_records=8 * batch * steps_per_call + 1000)
-        config = case_config(model_name, dataset, data_dir, steps, batch, steps_per_call, workers, read_threads)
+        config = case_config(model_name, dataset, data_dir, steps, batch, steps_per_call, workers, read_threads,
+                             batch_reads)
         workdir = os.path.join(scratch, "run")
         started = time.perf_counter()
         train(config, workdir)
@@ -152,7 +155,8 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
             # Host time in the step call (it returns before the device runs it): at or above "step_ms", the host's
             # dispatch, not the device, sets the loop's pace.
             "dispatch_ms_per_step": 1e3 * float(np.mean(dispatches[steady])) / steps_per_call,
-            "read_threads": config.data.read_threads, "device": jax.devices()[0].device_kind}
+            "read_threads": config.data.read_threads, "batch_reads": batch_reads,
+            "device": jax.devices()[0].device_kind}
 
 
 def main():
@@ -167,6 +171,8 @@ def main():
                         help="config.data.worker_count values to run (comma list): grain worker processes")
     parser.add_argument("--read_threads", type=int, default=None,
                         help="config.data.read_threads of every case (default: shapes 0, latents the config's)")
+    parser.add_argument("--batch_reads", type=int, default=1, choices=(0, 1),
+                        help="config.data.batch_reads: 1 reads 'latents' a batch at a time, 0 record by record")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per case")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--switch_interval", type=float, default=None,
@@ -180,7 +186,7 @@ def main():
             sys.setswitchinterval(args.switch_interval)
         model_name, dataset, workers = args.case.split("|")
         result = run_case(model_name, dataset, int(steps.get(model_name, 100)), args.batch, args.steps_per_call,
-                          int(workers), args.read_threads)
+                          int(workers), args.read_threads, bool(args.batch_reads))
         print(json.dumps(result))
         return
 
@@ -194,11 +200,12 @@ def main():
              for w in args.worker_counts.split(",")]
     for model_name, dataset, workers in cases:
         command = [sys.executable, __file__, "--case", f"{model_name}|{dataset}|{workers}",
-                   "--batch", str(args.batch), "--steps", args.steps, "--steps_per_call", str(args.steps_per_call)]
+                   "--batch", str(args.batch), "--steps", args.steps, "--steps_per_call", str(args.steps_per_call),
+                   "--batch_reads", str(args.batch_reads)]
         command += ["--switch_interval", str(args.switch_interval)] if args.switch_interval else []
         command += ["--read_threads", str(args.read_threads)] if args.read_threads is not None else []
         row = {"model": model_name, "dataset": dataset, "batch": args.batch, "steps_per_call": args.steps_per_call,
-               "worker_count": int(workers)}
+               "worker_count": int(workers), "batch_reads": bool(args.batch_reads)}
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

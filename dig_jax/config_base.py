@@ -30,6 +30,8 @@ def base_config() -> ConfigDict:
                                     # or of data.name="latents"), x0 = posterior sample * scaling factor
     c.data.image_size = 256
     c.data.random_flip = True
+    c.data.batch_reads = True       # datasets with read_batch ("latents") are read a batch at a time in the trainer's
+                                    # process (worker_count and read_threads apply to the others, read per record)
     c.data.worker_count = 4         # loader processes: with 0 the loader's Python shares the trainer's interpreter
                                     # and slows its dispatch (DiG-S/2 on one H200: 0.24-0.62 of the step's speed with
                                     # 0, 0.94-0.95 with 4; docs/benchmarks.md)

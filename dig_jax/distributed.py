@@ -22,7 +22,6 @@ and saves its own loader position; only process 0 writes config.json, logs and s
 """
 
 import importlib.util
-import json
 import os
 import re
 
@@ -146,34 +145,9 @@ def restore_checkpoint(checkpointer, step: int, abstract_state: dict, loader) ->
     if saved is None or saved == jax.process_count():
         return checkpointer.restore(step, abstract_state, loader)
     state = checkpointer.restore(step, abstract_state)
-    loader.set_state(loader_state_at_step(loader, step))
+    loader.set_state(loader.state_after(step))
     if jax.process_index() == 0:
         print(f"Checkpoint step {step} was written by {saved} process(es), this run has {jax.process_count()}: "
               f"restored the train state exactly and moved each process's data position to step {step} (data "
               f"order differs from the saved run's until the end of the current epoch).", flush=True)
     return state
-
-
-def loader_state_at_step(loader, step: int, shard_index: int | None = None, shard_count: int | None = None) -> bytes:
-    """The grain state of `loader` after `step` batches, without reading them.
-
-    shard_index / shard_count: as given to `make_loader` (default: this process's index, the process count).
-    grain numbers a shard's records i = 0, 1, ... as sampler positions i * shard_count + shard_index and, with W
-    worker processes, makes batch k in worker k % W (the workers read disjoint interleaved positions). A state
-    records each worker's last position and the worker of the last batch; the sampler and source descriptions
-    are kept from the loader's own state, so grain still checks them in `set_state`.
-    """
-    state = json.loads(loader.get_state())
-    index = jax.process_index() if shard_index is None else shard_index
-    count = jax.process_count() if shard_count is None else shard_count
-    workers = state["worker_count"]
-    batch = loader.local_batch_size
-    if workers == 0:
-        state["last_seen_indices"] = {"0": (step * batch - 1) * count + index}
-        state["last_worker_index"] = -1
-    else:
-        stride = workers * count
-        state["last_seen_indices"] = {
-            str(w): index - stride + w * count + len(range(w, step, workers)) * batch * stride for w in range(workers)}
-        state["last_worker_index"] = step % workers - 1
-    return json.dumps(state, indent=4).encode()

@@ -298,8 +298,9 @@ def train(config: ConfigDict, workdir: str) -> dict:
     source = create_dataset(config.data.name, split=config.data.split, image_size=config.data.image_size,
                             **config.data.kwargs.to_dict())
     loader = make_loader(source, global_batch_size=config.global_batch_size, seed=config.seed,
-                         random_flip=config.data.random_flip, worker_count=config.data.worker_count,
-                         read_threads=config.data.read_threads, prefetch=config.data.prefetch)
+                         random_flip=config.data.random_flip, batch_reads=config.data.batch_reads,
+                         worker_count=config.data.worker_count, read_threads=config.data.read_threads,
+                         prefetch=config.data.prefetch)
 
     checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints)
     start_step = checkpointer.latest_step() or 0

@@ -1,4 +1,5 @@
-"""The "shapes" dataset, the dataset registry, the grain loader (sharding, epochs, flips, state) and global batches."""
+"""The "shapes" dataset, the dataset registry, the loader (sharding, epochs, flips, state; record by record through
+grain and a batch at a time) and global batches."""
 
 import multiprocessing
 import time
@@ -9,11 +10,13 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dig_jax.data import ShapesDataset, create_dataset, make_loader, to_global_batch
+from dig_jax.data.loader import LoaderStateError
 from dig_jax.data.shapes import SHAPE_CLASSES
 
 
 class IndexSource:
-    """Record i is a 2x2 image filled with i % 256 and label i, so batches reveal which records they hold."""
+    """Record i is a 2x2 image filled with i % 256, its right column 0, and label i, so batches reveal which records
+    they hold and whether they were mirrored."""
 
     def __init__(self, num_records: int):
         self.num_records = num_records
@@ -25,7 +28,28 @@ class IndexSource:
         return f"IndexSource({self.num_records})"
 
     def __getitem__(self, index):
-        return {"image": np.full((2, 2, 3), index % 256, np.uint8), "label": index}
+        image = np.full((2, 2, 3), index % 256, np.uint8)
+        image[:, 1] = 0
+        return {"image": image, "label": index}
+
+
+class BatchIndexSource(IndexSource):
+    """IndexSource that the loader reads a batch at a time; counts its reads."""
+
+    def __init__(self, num_records: int):
+        super().__init__(num_records)
+        self.batch_reads = 0
+
+    def __repr__(self):
+        return f"BatchIndexSource({self.num_records})"
+
+    def read_batch(self, indices):
+        self.batch_reads += 1
+        records = [self[int(i)] for i in indices]
+        return {key: np.stack([record[key] for record in records]) for key in records[0]}
+
+
+BOTH_WAYS = pytest.mark.parametrize("source_class", [IndexSource, BatchIndexSource], ids=["records", "batches"])
 
 
 def _labels(loader, num_batches):
@@ -110,8 +134,9 @@ def test_random_flip_mirrors_about_half_of_the_images():
     assert 4 <= sum(mirrored) <= 28
 
 
-def test_epochs_repeat_with_a_new_order_and_can_stop():
-    source = IndexSource(40)
+@BOTH_WAYS
+def test_epochs_repeat_with_a_new_order_and_can_stop(source_class):
+    source = source_class(40)
     kwargs = {"global_batch_size": 8, "seed": 0, "shard_index": 0, "shard_count": 1}
     labels = np.array(_labels(make_loader(source, **kwargs), 10)).reshape(2, 40)
     assert sorted(labels[0]) == sorted(labels[1]) == list(range(40))
@@ -124,8 +149,9 @@ def test_epochs_repeat_with_a_new_order_and_can_stop():
         next(one_epoch)
 
 
-def test_hosts_read_disjoint_equal_shards():
-    source = IndexSource(41)
+@BOTH_WAYS
+def test_hosts_read_disjoint_equal_shards(source_class):
+    source = source_class(41)
     per_host = []
     for host in range(2):
         loader = make_loader(source, global_batch_size=8, seed=7, shard_index=host, shard_count=2, num_epochs=1)
@@ -155,10 +181,11 @@ def test_restored_state_continues_with_the_same_batches():
         make_loader(source, **{**kwargs, "seed": 12}).set_state(state)
 
 
-def test_read_ahead_saves_the_position_of_the_batches_handed_out():
+@BOTH_WAYS
+def test_read_ahead_saves_the_position_of_the_batches_handed_out(source_class):
     """With batches read ahead in the background, the saved position is still right after the last batch the
     caller took, and a loader reading on demand continues from it with the same batches."""
-    source = IndexSource(64)
+    source = source_class(64)
     kwargs = {"global_batch_size": 4, "seed": 3, "shard_index": 0, "shard_count": 1}
     ahead = make_loader(source, **kwargs, prefetch=4)
     on_demand = make_loader(source, **kwargs, prefetch=0)
@@ -202,6 +229,52 @@ def test_worker_processes_resume_exactly_and_end_on_close():
         np.testing.assert_array_equal(actual["label"], batch["label"])
         np.testing.assert_array_equal(actual["image"], batch["image"])
     restored.close()
+
+
+def test_batch_reads_read_once_per_batch_and_flip_each_record_by_its_own_coin():
+    source = BatchIndexSource(64)
+    kwargs = {"global_batch_size": 16, "seed": 2, "shard_index": 0, "shard_count": 1, "prefetch": 0}
+    flipped = next(make_loader(source, random_flip=True, **kwargs))
+    assert source.batch_reads == 1
+    plain = next(make_loader(source, random_flip=False, **kwargs))
+    np.testing.assert_array_equal(flipped["label"], plain["label"])  # flips do not change the order
+    assert flipped["image"].dtype == np.float32 and flipped["label"].dtype == np.int32
+    mirrored = flipped["image"][:, :, 0, 0] == -1.0  # the zero column moved to the left
+    np.testing.assert_array_equal(flipped["image"], np.where(mirrored[:, :, None, None],
+                                                             plain["image"][:, :, ::-1], plain["image"]))
+    assert 2 <= mirrored[:, 0].sum() <= 14 and (mirrored[:, 0] == mirrored[:, 1]).all()
+    loader = make_loader(source, random_flip=True, **kwargs)
+    for _ in range(4 + 1):  # into the second epoch: a new order and new coins
+        batch = next(loader)
+    assert not np.array_equal(batch["label"], flipped["label"])
+
+
+def test_batch_read_state_resumes_exactly_and_refuses_another_stream():
+    source = BatchIndexSource(40)  # batches of 16: two per epoch, 8 records of each epoch unread
+    kwargs = {"global_batch_size": 16, "seed": 11, "shard_index": 0, "shard_count": 1}
+    loader = make_loader(source, **kwargs)
+    _labels(loader, 3)
+    state = loader.get_state()
+    expected = [next(loader) for _ in range(3)]
+    loader.close()
+    restored = make_loader(source, **kwargs)
+    restored.set_state(state)
+    for batch in expected:
+        actual = next(restored)
+        np.testing.assert_array_equal(actual["label"], batch["label"])
+        np.testing.assert_array_equal(actual["image"], batch["image"])
+    moved = make_loader(source, **kwargs, prefetch=0)
+    moved.set_state(moved.state_after(3))
+    assert _labels(moved, 3) == [batch["label"].tolist() for batch in expected]
+    with pytest.raises(LoaderStateError, match="seed: saved 11, now 12"):
+        make_loader(source, **{**kwargs, "seed": 12}).set_state(state)
+    with pytest.raises(LoaderStateError, match="source: saved 'BatchIndexSource\\(40\\)', now 'BatchIndexSource"):
+        make_loader(BatchIndexSource(48), **kwargs).set_state(state)
+    per_record = make_loader(source, batch_reads=False, **kwargs)
+    with pytest.raises(LoaderStateError, match="config.data.batch_reads = False"):
+        make_loader(source, **kwargs).set_state(per_record.get_state())
+    with pytest.raises(ValueError, match="hold no full batch of 16"):
+        make_loader(BatchIndexSource(20), global_batch_size=32, seed=0, shard_index=0, shard_count=2)
 
 
 def test_sources_need_a_stable_repr():

@@ -115,20 +115,45 @@ def test_records_hold_the_vae_posterior_of_the_image_and_its_mirror(encoded, vae
     for view, pixels in (("moments", images), ("flipped_moments", images[:, :, ::-1])):
         exact = np.asarray(encode_exactly(pixels))
         stored = np.stack([latents[i][view] for i in indices])
-        assert stored.dtype == np.float32 and stored.shape == (3, 8, 8, 8)
+        assert stored.dtype == np.float16 and stored.shape == (3, 8, 8, 8)  # the storage dtype
         # float16 keeps 11 significant bits: rounding error <= 2**-11 of each value (plus float32 encode noise).
         np.testing.assert_allclose(stored, exact, rtol=2 ** -11 + 1e-5, atol=1e-5)
         assert np.abs(exact).max() > 0.5 and np.abs(stored - exact).max() > 0  # real, rounded values
     assert [int(latents[i]["label"]) for i in indices] == [int(source[i]["label"]) for i in indices]
 
 
-def test_loader_flips_latents_by_picking_the_stored_mirror(encoded):
+def test_read_batch_gives_the_records_stacked(encoded):
+    latents = LatentDataset(data_dir=encoded, split="train", image_size=IMAGE_SIZE)
+    indices = np.array([19, 0, 9, 8, 0, 16])  # across the three shards, unsorted, one twice
+    batch = latents.read_batch(indices)
+    assert set(batch) == {"moments", "flipped_moments", "label"} and batch["label"].dtype == np.int32
+    for key, value in batch.items():
+        np.testing.assert_array_equal(value, np.stack([latents[int(i)][key] for i in indices]))
+    assert batch["moments"].dtype == np.float16 and batch["moments"].shape == (6, 8, 8, 8)
+    for bad in (np.array([0, NUM_IMAGES]), np.array([-1]), np.zeros((2, 2), int)):
+        with pytest.raises(IndexError, match=rf"record numbers in \[0, {NUM_IMAGES}\)"):
+            latents.read_batch(bad)
+
+
+def test_worker_processes_read_latents_with_readers_of_their_own(encoded):
+    latents = LatentDataset(data_dir=encoded, split="train", image_size=IMAGE_SIZE)
+    latents[0]  # opens a reader here: the workers get the dataset without it
+    loader = make_loader(latents, global_batch_size=4, seed=0, random_flip=False, num_epochs=1, batch_reads=False,
+                         worker_count=2)
+    read = np.concatenate([batch["moments"] for batch in loader])
+    stored = latents.read_batch(np.arange(NUM_IMAGES))["moments"]
+    found = {j for m in read for j in range(NUM_IMAGES) if np.array_equal(m, stored[j])}
+    assert len(found) == len(read) == 16  # distinct stored records; each worker drops its last 2 of 10
+
+
+@pytest.mark.parametrize("batch_reads", [True, False], ids=["batches", "records"])
+def test_loader_flips_latents_by_picking_the_stored_mirror(encoded, batch_reads):
     latents = create_dataset("latents", split="train", image_size=IMAGE_SIZE, data_dir=encoded)
     stored = [latents[i] for i in range(NUM_IMAGES)]
 
     def one_epoch(random_flip):
         loader = make_loader(latents, global_batch_size=4, seed=3, random_flip=random_flip, shuffle=False,
-                             num_epochs=1)
+                             num_epochs=1, batch_reads=batch_reads)
         batches = list(loader)
         assert set(batches[0]) == {"moments", "label"} and batches[0]["moments"].shape == (4, 8, 8, 8)
         return np.concatenate([b["moments"] for b in batches])

@@ -87,25 +87,45 @@ def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_one_process(
     assert int(restored["step"]) == 6
 
 
-@pytest.mark.parametrize("worker_count", [0, 3])  # 3 workers: batches k, k + 3, ... come from one worker
-def test_loader_state_at_step_matches_reading_that_many_batches(worker_count):
+@pytest.mark.parametrize("reading", ["grain, 0 workers", "grain, 3 workers", "batches"])
+def test_state_after_matches_reading_that_many_batches(reading):
+    """3 workers: batches k, k + 3, ... come from one worker. "batches": latents read a batch at a time."""
     source = create_dataset("shapes", split="train", image_size=8, num_images=40)
+    options = {"batch_reads": False, "worker_count": 3 if "3" in reading else 0, "read_threads": 0}
+    if reading == "batches":
+        source, options = BatchShapes(source), {}
     for shard_index, shard_count in ((0, 1), (1, 2)):
         def loader(index=shard_index, count=shard_count):
-            return make_loader(source, global_batch_size=4, seed=3, shard_index=index, shard_count=count,
-                               worker_count=worker_count, read_threads=0)
+            return make_loader(source, global_batch_size=4, seed=3, shard_index=index, shard_count=count, **options)
 
         reference = loader()
         batches = [next(reference) for _ in range(14)]  # more than an epoch of a 2-way shard (10 batches)
         reference.close()
         for step in (0, 4, 12):
             moved = loader()
-            moved.set_state(distributed.loader_state_at_step(moved, step, shard_index, shard_count))
+            moved.set_state(moved.state_after(step))
             for expected in batches[step:step + 2]:
                 got = next(moved)
                 np.testing.assert_array_equal(got["image"], expected["image"])
                 np.testing.assert_array_equal(got["label"], expected["label"])
             moved.close()
+
+
+class BatchShapes:
+    """A shapes dataset read a batch at a time (the loader's batch path without latent files)."""
+
+    def __init__(self, shapes):
+        self.shapes = shapes
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def __repr__(self):
+        return f"BatchShapes({self.shapes!r})"
+
+    def read_batch(self, indices):
+        records = [self.shapes[int(i)] for i in indices]
+        return {key: np.stack([record[key] for record in records]) for key in records[0]}
 
 
 def test_saved_process_count_reads_the_loader_state_files(tmp_path):

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 import uuid
 
 import numpy as np
@@ -28,11 +29,11 @@ from etils import epath
 from dig_jax.vae import WEIGHTS_FILE
 
 FORMAT = "dig_jax.latents/1"  # the format's name, recorded in every metadata.json: kept as is so old dirs read
-# ArrayRecord options of the shards: one record per group (random access reads only the record asked for, which
-# ArrayRecordDataSource requires) and no compression. Float16 moments barely compress (ArrayRecord's default zstd
-# saved 8% on random ones), and decompressing took a random record read from 36-39 to 62 us on a CPU, in the
-# loader that feeds small models (docs/benchmarks.md, "Latent shards without compression"). Readers take either:
-# the compression is in each shard's header.
+# ArrayRecord options of the shards: one record per group (a random read decodes only the record asked for) and no
+# compression. Float16 moments barely compress (ArrayRecord's default zstd saved 8% on random ones), and
+# decompressing took a random record read from 36-39 to 62 us on a CPU, in the loader that feeds small models
+# (docs/benchmarks.md, "Latent shards without compression"). Readers take either: the compression is in each
+# shard's header.
 SHARD_WRITER_OPTIONS = "group_size:1,uncompressed"
 METADATA_FILE = "metadata.json"
 STORAGE_DTYPES = ("float16", "float32")
@@ -153,13 +154,13 @@ def serialize_records(layout: LatentLayout, moments: np.ndarray, labels: np.ndar
     return [record.tobytes() for record in records]
 
 
-def parse_record(layout: LatentLayout, record: bytes) -> tuple[np.ndarray, int]:
-    """One record's bytes -> (moments [views, h, w, 2C] in the storage dtype, label)."""
-    if len(record) != layout.record_dtype.itemsize:
-        raise LatentDataError(f"a record has {len(record)} bytes, expected {layout.record_dtype.itemsize}: the shard "
+def parse_records(layout: LatentLayout, records: list[bytes]) -> np.ndarray:
+    """Records' bytes -> a structured array [n] of `layout.record_dtype` (fields "label" and "moments")."""
+    sizes = set(map(len, records)) - {layout.record_dtype.itemsize}
+    if sizes:
+        raise LatentDataError(f"records of {sorted(sizes)} bytes, expected {layout.record_dtype.itemsize}: the shard "
                               "does not belong to this metadata.json")
-    parsed = np.frombuffer(record, dtype=layout.record_dtype)[0]
-    return parsed["moments"], int(parsed["label"])
+    return np.frombuffer(b"".join(records), dtype=layout.record_dtype)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -176,18 +177,16 @@ def vae_sha256(vae_folder: str | os.PathLike) -> str:
 
 
 class LatentDataset:
-    """Random-access pre-encoded latents: `ds[i]` -> {"moments": float32 [h, w, 2C], "label": int32 [], and, when
-    the dir holds flipped views, "flipped_moments": float32 [h, w, 2C]}.
+    """Random-access pre-encoded latents: `ds[i]` -> {"moments": [h, w, 2C], "label": int32 [], and, when the dir
+    holds flipped views, "flipped_moments": [h, w, 2C]}, moments in the storage dtype (`layout.dtype`);
+    `ds.read_batch(indices)` -> the same keys with a leading [b] axis, from one read per shard touched.
 
-    The loader's FlipAndScale picks "flipped_moments" instead of "moments" when it flips a record (flipping a latent
-    is not encoding a flipped image). Moments are [mean, logvar] along the channels (`DiagonalGaussian.from_moments`).
+    The loader's `flip_and_scale` picks "flipped_moments" instead of "moments" when it flips a record (flipping a
+    latent is not encoding a flipped image). Moments are [mean, logvar] along the channels
+    (`DiagonalGaussian.from_moments`, which casts them to float32).
     """
 
     def __init__(self, *, data_dir: str, split: str = "train", image_size: int = 256):
-        # Imported here: the format functions above also run where array_record is not installed, e.g. on
-        # accelerator images used only for benchmarks.
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
-
         layout = read_complete_layout(data_dir)
         if layout.split != split:
             raise LatentDataError(f"{data_dir} holds split {layout.split!r}, but split {split!r} was requested "
@@ -196,11 +195,16 @@ class LatentDataset:
             raise LatentDataError(f"{data_dir} holds latents of {layout.image_size} px images, but image_size="
                                   f"{image_size} was requested (config.data.image_size)")
         self.layout = layout
-        root = epath.Path(data_dir)
-        # "path[start:stop]" tells the source each shard's record count, so no shard is opened before it is read.
-        self._records = ArrayRecordDataSource([
-            f"{root / layout.shard_name(shard)}[0:{len(layout.shard_range(shard))}]"
-            for shard in range(layout.num_shards)])
+        self._shard_paths = [os.fspath(epath.Path(data_dir) / layout.shard_name(shard))
+                             for shard in range(layout.num_shards)]
+        self._readers = {}  # shard -> its reader, opened on first read (a process reads only the shards it needs)
+        self._open_lock = threading.Lock()
+
+    def __getstate__(self):  # a loader's worker processes open readers of their own
+        return {**self.__dict__, "_readers": {}, "_open_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _open_lock=threading.Lock())
 
     def __len__(self) -> int:
         return self.layout.num_records
@@ -213,8 +217,34 @@ class LatentDataset:
                 f"source={layout.source!r}, vae_sha256={layout.vae_sha256[:16]!r})")
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        moments, label = parse_record(self.layout, self._records[int(index)])
-        element = {"moments": moments[0].astype(np.float32), "label": np.int32(label)}
+        return {key: value[0] for key, value in self.read_batch(np.array([index])).items()}
+
+    def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Records `indices` (int [b]) as {"moments": [b, h, w, 2C], "flipped_moments"?, "label": int32 [b]}."""
+        indices = np.asarray(indices, np.int64)
+        if indices.ndim != 1 or (indices.size and not 0 <= indices.min() <= indices.max() < len(self)):
+            raise IndexError(f"indices must be a 1-D array of record numbers in [0, {len(self)}), got {indices!r}")
+        shards, positions = np.divmod(indices, self.layout.shard_size)
+        records = [b""] * len(indices)
+        for shard in np.unique(shards):
+            rows = np.flatnonzero(shards == shard)
+            for row, record in zip(rows, self._reader(int(shard)).read(positions[rows].tolist()), strict=True):
+                records[row] = record
+        parsed = parse_records(self.layout, records)
+        batch = {"moments": parsed["moments"][:, 0], "label": parsed["label"].astype(np.int32)}
         if self.layout.flipped:
-            element["flipped_moments"] = moments[1].astype(np.float32)
-        return element
+            batch["flipped_moments"] = parsed["moments"][:, 1]
+        return batch
+
+    def _reader(self, shard: int):
+        # Readers are thread-safe; the lock only keeps two threads from opening the same shard.
+        if shard not in self._readers:
+            with self._open_lock:
+                if shard not in self._readers:
+                    # Imported here: the format functions above also run where array_record is not installed,
+                    # e.g. on accelerator images used only for benchmarks.
+                    from array_record.python.array_record_module import ArrayRecordReader
+
+                    # No read-ahead: reads are random, one record or a few per call.
+                    self._readers[shard] = ArrayRecordReader(self._shard_paths[shard], "readahead_buffer_size:0")
+        return self._readers[shard]

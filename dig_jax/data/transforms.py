@@ -1,4 +1,5 @@
-"""Per-image transforms: the ADM center crop (ImageNet preprocessing) and the loader's flip + [-1, 1] scaling."""
+"""Per-image transforms: the ADM center crop (ImageNet preprocessing) and the loader's flip + [-1, 1] scaling (of one
+record or a batch)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,26 @@ def to_signed_unit(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) / 127.5 - 1.0
 
 
-class FlipAndScale(grain.transforms.RandomMap):
-    """Loader transform: optional random horizontal flip, then uint8 -> float32 in [-1, 1]; label -> int32.
+def flip_and_scale(element: dict, flip) -> dict[str, np.ndarray]:
+    """The loader's output for one record (`flip` a bool) or a batch of them (leaves [b, ...], `flip` bool [b]).
 
-    Latent records ({"moments", "flipped_moments"?, "label"}, see dig_jax.data.latents) are not flipped: a flip picks
-    the moments the encoder stored for the mirrored image (mirroring a latent is not encoding a mirrored image), and
-    records without them always give "moments".
+    Images (uint8 [..., H, W, 3]) are mirrored where `flip`, then scaled to float32 in [-1, 1]. Latent records
+    ({"moments", "flipped_moments"?, "label"}, see dig_jax.data.latents) are not mirrored: a flip picks the moments
+    the encoder stored for the mirrored image (mirroring a latent is not encoding a mirrored image), records without
+    them always give "moments", and moments keep their storage dtype (the train step casts them). Labels -> int32.
+    """
+    where = np.reshape(flip, np.shape(flip) + (1, 1, 1))  # broadcasts over each record's [H, W, C]
+    label = np.asarray(element["label"], np.int32)
+    if "moments" in element:
+        if "flipped_moments" not in element:
+            return {"moments": np.ascontiguousarray(element["moments"]), "label": label}
+        return {"moments": np.where(where, element["flipped_moments"], element["moments"]), "label": label}
+    image = element["image"]
+    return {"image": to_signed_unit(np.where(where, image[..., ::-1, :], image)), "label": label}
+
+
+class FlipAndScale(grain.transforms.RandomMap):
+    """Per-record loader transform: `flip_and_scale` with a random flip (probability 1/2) when `random_flip`.
 
     The random generator comes from the loader and is seeded per record (from the loader seed and the record's
     position in the stream), so a given stream position is always flipped the same way.
@@ -46,10 +61,4 @@ class FlipAndScale(grain.transforms.RandomMap):
         self.random_flip = random_flip
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        flip = self.random_flip and rng.random() < 0.5
-        label = np.int32(element["label"])
-        if "moments" in element:
-            moments = element["flipped_moments"] if flip and "flipped_moments" in element else element["moments"]
-            return {"moments": moments, "label": label}
-        image = element["image"][:, ::-1] if flip else element["image"]
-        return {"image": to_signed_unit(image), "label": label}
+        return flip_and_scale(element, self.random_flip and rng.random() < 0.5)
