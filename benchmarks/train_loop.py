@@ -9,9 +9,10 @@ runs `--steps` steps into a fresh workdir and the images/s it logs are read back
 which holds compilation, is dropped); (2) the same config's jitted step (`build_trainer`) runs back to back on one batch
 already on the device, as the loop dispatches them (step_timing.time_step_calls, "pipelined"). The ratio (1)/(2) is what
 the input pipeline and the loop's host work cost; "data wait" is the time per step the loop spent waiting for its next
-batches and "dispatch" the time per step the step call took on the host (it returns before the device runs it), so the
-rest of the gap (loop ms - step ms - data wait) is the loop's own host work. The JSON rows also give the step's
-synchronous time (each call waited for): its excess over the step time is host dispatch and launch gap.
+batches, "place" the time per step it took to place them on the devices (`to_global_batch`) and "dispatch" the time per
+step the step call took on the host (it returns before the device has finished the step). Where loop ms exceeds step ms
+the host sets the pace: its time per step is data wait + place + dispatch + the loop's own work. The JSON rows also give
+the step's synchronous time (each call waited for): its excess over the step time is host dispatch and launch gap.
 Datasets: "shapes" (the built-in images, 32 px, pixel space) and "latents" (32x32x4 latents, as for 256 px
 ImageNet, written here as random moments in the format `python -m dig_jax.encode` writes). bf16 compute.
 """
@@ -89,28 +90,26 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
 
     import dig_jax.train
     from dig_jax.sharding import make_mesh
-    from dig_jax.train import build_trainer, freeze_long_lived_objects, next_batches, train
+    from dig_jax.train import build_trainer, freeze_long_lived_objects, next_batches, to_global_batch, train
 
-    waits, dispatches = [], []  # seconds the loop waited for each call's batches, and spent dispatching the call
+    # Seconds per call the loop waited for its batches, placed them on the devices, and spent in the step call.
+    waits, placements, dispatches = [], [], []
 
-    def timed_next_batches(loader, count):
-        started = time.perf_counter()
-        batches = next_batches(loader, count)
-        waits.append(time.perf_counter() - started)
-        return batches
+    def timed(fn, seconds):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            result = fn(*args, **kwargs)
+            seconds.append(time.perf_counter() - started)
+            return result
+
+        return call
 
     def timed_build_trainer(*args, **kwargs):
         trainer = build_trainer(*args, **kwargs)
+        return dataclasses.replace(trainer, train_steps=timed(trainer.train_steps, dispatches))
 
-        def train_steps(*step_args):
-            started = time.perf_counter()
-            result = trainer.train_steps(*step_args)
-            dispatches.append(time.perf_counter() - started)
-            return result
-
-        return dataclasses.replace(trainer, train_steps=train_steps)
-
-    dig_jax.train.next_batches = timed_next_batches
+    dig_jax.train.next_batches = timed(next_batches, waits)
+    dig_jax.train.to_global_batch = timed(to_global_batch, placements)
     dig_jax.train.build_trainer = timed_build_trainer
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -125,11 +124,12 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
         train(config, workdir)
         loop_s = time.perf_counter() - started
         dig_jax.train.next_batches, dig_jax.train.build_trainer = next_batches, build_trainer
+        dig_jax.train.to_global_batch = to_global_batch
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             logged = [json.loads(line)["images_per_second"] for line in f][1:]
 
         # The same step alone: one batch from the same pipeline, placed once, stepped back to back.
-        from dig_jax.data import create_dataset, make_loader, to_global_batch
+        from dig_jax.data import create_dataset, make_loader
 
         trainer = build_trainer(config, make_mesh())
         source = create_dataset(config.data.name, split="train", image_size=config.data.image_size,
@@ -152,6 +152,7 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
             "loop_ms_per_step": 1e3 * batch / loop_images_per_s, "step_ms": 1e3 * batch / step_images_per_s,
             "synced_step_ms": 1e3 * synced_call_s / steps_per_call,  # each call waited for: adds dispatch time
             "data_wait_ms_per_step": 1e3 * float(np.mean(waits[steady])) / steps_per_call,
+            "place_ms_per_step": 1e3 * float(np.mean(placements[steady])) / steps_per_call,
             # Host time in the step call (it returns before the device runs it): at or above "step_ms", the host's
             # dispatch, not the device, sets the loop's pace.
             "dispatch_ms_per_step": 1e3 * float(np.mean(dispatches[steady])) / steps_per_call,
@@ -215,14 +216,15 @@ def main():
         rows.append(row)
         report(row, args.out)
     print(f"\n{'model':9} {'dataset':8} {'batch':>5} {'per call':>8} {'workers':>7} {'loop img/s':>10} "
-          f"{'step img/s':>10} {'ratio':>6} {'loop ms':>7} {'step ms':>7} {'data wait ms':>12} {'dispatch ms':>11} "
+          f"{'step img/s':>10} {'ratio':>6} {'loop ms':>7} {'step ms':>7} {'data wait ms':>12} {'place ms':>8} "
+          f"{'dispatch ms':>11} "
           f"{'threads':>7}")
     for r in rows:
         head = f"{r['model']:9} {r['dataset']:8} {r['batch']:>5} {r['steps_per_call']:>8} {r['worker_count']:>7}"
         print(f"{head}  error: {r['error']}" if "error" in r else
               f"{head} {r['loop_images_per_s']:10.1f} {r['step_images_per_s']:10.1f} {r['ratio']:6.2f} "
               f"{r['loop_ms_per_step']:7.2f} {r['step_ms']:7.2f} {r['data_wait_ms_per_step']:12.2f} "
-              f"{r['dispatch_ms_per_step']:11.2f} {r['read_threads']:>7}")
+              f"{r['place_ms_per_step']:8.2f} {r['dispatch_ms_per_step']:11.2f} {r['read_threads']:>7}")
 
 
 if __name__ == "__main__":
