@@ -134,4 +134,8 @@ def paper_config(model_name: str) -> ConfigDict:
     c.data.image_size = 256
     c.data.kwargs = ConfigDict({"data_dir": ""})
     c.sample.per_class = 0
+    # Four steps per dispatch: with one, the host's dispatch of a DiG-S/2 step at batch 32 (6-7 ms on an H100 host)
+    # nearly equals the step (7.1 ms) and the loop ran at 0.86-0.92 of the step's speed; with four at 1.01, and
+    # DiG-XL/2 at 1.01 too (docs/benchmarks.md, "Latents a batch at a time").
+    c.steps_per_call = 4
     return c
