@@ -350,6 +350,4 @@ def to_global_batch(local_batch: Any, sharding: jax.sharding.Sharding) -> Any:
     leaf), leaves [b, ...] on each host become arrays [b * process_count, ...] whose rows on this host's devices
     are this host's rows; with P(None, "data"), stacked leaves [steps, b, ...] become [steps, b * process_count, ...].
     """
-    if jax.process_count() == 1:  # the local batch is the global one: one transfer call for the whole tree,
-        return jax.device_put(local_batch, sharding)  # about half a millisecond less per batch on a GPU host
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
