@@ -1,9 +1,10 @@
 """Checkpoints of a training run: train state (orbax, async, keep-N) and each host's data-loader position.
 
 Layout under the run's workdir:
-  config.json                  the run's config (written atomically at every start; checked once a checkpoint exists)
+  config.json                  the run's config (checked against new starts once a checkpoint exists; rewritten
+                               atomically at every start, after the restore)
   checkpoints/<step>/state     {"step", "params", "opt_state", "ema", "rng"} (orbax, sharded arrays)
-  checkpoints/<step>/data      one JSON per process: the grain loader's position
+  checkpoints/<step>/data      one JSON per process: its loader's position
 Orbax writes each step to a temporary folder and renames it when complete, so a crash mid-save leaves the
 previous checkpoints intact.
 """
@@ -76,23 +77,30 @@ def has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
-def write_run_config(workdir: str, config_json: str) -> None:
-    """Records the run's config. Once `workdir` holds a checkpoint, refuses a config whose model or data differ
-    (the state would not fit); before that, a new config replaces the recorded one: a start that failed left
-    nothing it must stay compatible with."""
+def check_run_config(workdir: str, config_json: str) -> None:
+    """Refuses a config whose model or data differ from those of the run that wrote `workdir`'s checkpoints (the
+    state would not fit). Without a checkpoint any config is fine: a start that failed left nothing it must stay
+    compatible with. Keys the recorded config lacks (options added to the code after the run started) are not
+    compared: the restore checks what they change (e.g. a data position written by the other reader)."""
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path) and has_checkpoint(workdir):
-        previous = read_run_config(workdir)
-        current = json.loads(config_json)
-        for section in ("model", "data"):
-            before, now = previous.get(section) or {}, current.get(section) or {}
-            changed = [f"config.{section}.{key}={before.get(key)!r} then, {now.get(key)!r} now"
-                       for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
-            if changed:
-                raise CheckpointError(
-                    f"{path} records a run with a different config.{section} ({'; '.join(changed)}); its "
-                    f"checkpoints are not compatible. Use a new --workdir, or the same config to resume.")
-    atomic_write_bytes(path, config_json.encode())
+    if not (os.path.exists(path) and has_checkpoint(workdir)):
+        return
+    previous = read_run_config(workdir)
+    current = json.loads(config_json)
+    for section in ("model", "data"):
+        before, now = previous.get(section) or {}, current.get(section) or {}
+        changed = [f"config.{section}.{key}={before.get(key)!r} then, {now.get(key)!r} now"
+                   for key in sorted(before) if before[key] != now.get(key)]
+        if changed:
+            raise CheckpointError(
+                f"{path} records a run with a different config.{section} ({'; '.join(changed)}); its "
+                f"checkpoints are not compatible. Use a new --workdir, or the same config to resume.")
+
+
+def write_run_config(workdir: str, config_json: str) -> None:
+    """Records the run's config (atomically). Call it once `check_run_config` passed and a checkpoint, if any, was
+    restored with it: a config whose restore failed is not recorded."""
+    atomic_write_bytes(os.path.join(workdir, "config.json"), config_json.encode())
 
 
 def read_run_config(workdir: str) -> dict:

@@ -280,8 +280,8 @@ def train(config: ConfigDict, workdir: str) -> dict:
     check_workdir(workdir)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        ckpt.write_run_config(workdir, config.to_json_best_effort(indent=2))
+    config_json = config.to_json_best_effort(indent=2)
+    ckpt.check_run_config(workdir, config_json)
 
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, seq=config.mesh.seq)
     if is_main:  # process 0 alone writes config.json, logs, metrics and samples; every process saves its shards
@@ -311,6 +311,8 @@ def train(config: ConfigDict, workdir: str) -> dict:
         state = distributed.restore_checkpoint(checkpointer, start_step, state, loader)
         if is_main:
             print(f"Resumed from step {start_step} in {checkpointer.directory}", flush=True)
+    if is_main:  # recorded once its checkpoint (if any) restored with it
+        ckpt.write_run_config(workdir, config_json)
     if start_step >= config.num_steps and is_main:
         print(f"Nothing to do: the run already reached config.num_steps={config.num_steps}.", flush=True)
 

@@ -15,6 +15,7 @@ from PIL import Image
 from test_encode import IMAGE_SIZE
 
 from configs import imagenet256
+from dig_jax.checkpoint import CheckpointError
 from dig_jax.config_base import PAPER_RESULTS, base_config
 from dig_jax.data.latents import read_metadata, write_metadata
 from dig_jax.data_space import data_space
@@ -80,6 +81,24 @@ def test_pre_encoded_latents_train_sample_and_decode_to_png_without_saving_the_v
     assert {entry["key_metadata"][0]["key"] for entry in saved.values()} == {"step", "params", "opt_state", "ema",
                                                                              "rng"}
     assert not [path for path in saved if "quant_conv" in path or "down_blocks" in path]
+
+
+def test_a_latent_run_read_record_by_record_resumes_only_so_and_says_how(tmp_path, vae_dir, latent_dir):
+    config = latent_config(vae_dir, latent_dir)
+    config.data.batch_reads = False
+    train(config, str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        recorded = json.load(f)
+    del recorded["data"]["batch_reads"]  # a run started before the key existed, when latents were read per record
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(recorded, f)
+    longer = latent_config(vae_dir, latent_dir)
+    longer.num_steps = 4
+    with pytest.raises(CheckpointError, match=r"record-by-record \(grain\) loader.*config.data.batch_reads = False"):
+        train(longer, str(tmp_path))
+    longer.data.batch_reads = False
+    train(longer, str(tmp_path))
+    assert len(logged_losses(str(tmp_path))) == 4
 
 
 def test_x0_is_a_scaled_posterior_sample_drawn_anew_for_each_key(vae_dir, latent_dir):

@@ -160,6 +160,18 @@ def test_workdir_of_another_model_or_data_order_is_refused(tmp_path):
         train(more_workers, str(tmp_path))
 
 
+def test_a_run_recorded_before_a_config_key_existed_resumes(tmp_path):
+    workdir = str(tmp_path)
+    train(tiny_config(num_steps=1), workdir)
+    recorded = ckpt.read_run_config(workdir)
+    del recorded["data"]["batch_reads"]  # as written before the key was added
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(recorded, f)
+    train(tiny_config(num_steps=2), workdir)
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+    assert "batch_reads" in ckpt.read_run_config(workdir)["data"]
+
+
 def test_a_bad_model_config_writes_nothing_and_a_workdir_without_checkpoints_takes_a_new_config(tmp_path):
     workdir = str(tmp_path / "run")
     for key, value, message in (("model.name", "DiG-Q/2", "config.model.name='DiG-Q/2' is not a model"),
