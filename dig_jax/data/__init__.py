@@ -17,8 +17,10 @@ Sources are random access: `len(source)`, `source[i]` -> {"image": uint8 [H, W, 
   center crop. Options: data_dir (required). Check a data dir with
   `python -m dig_jax.data.imagenet --data_dir DIR --dry_run`.
 - "latents" (`latents.LatentDataset`): VAE posterior moments written by `python -m dig_jax.encode`;
-  `source[i]` -> {"moments": float32 [h, w, 2C], "flipped_moments" (when encoded with flips), "label"} and the
-  loader yields {"moments": float32 [b, h, w, 2C], "label"}. Options: data_dir (required).
+  `source[i]` -> {"moments": [h, w, 2C], "flipped_moments" (when encoded with flips), "label"}, moments in the
+  storage dtype (float16 by default; the train step casts them), and `source.read_batch(indices)` the same with a
+  leading [b] axis, which the loader reads a batch at a time (make_loader's batch_reads). The loader yields
+  {"moments": [b, h, w, 2C], "label"}. Options: data_dir (required).
 """
 
 from __future__ import annotations
