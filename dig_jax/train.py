@@ -302,6 +302,9 @@ def train(config: ConfigDict, workdir: str) -> dict:
                          worker_count=config.data.worker_count, read_threads=config.data.read_threads,
                          prefetch=config.data.prefetch)
 
+    if is_main:
+        print(f"Data: {source!r}, {len(source)} records, read {loader.reading}; batch {config.global_batch_size}, "
+              f"{config.steps_per_call} step(s) per call", flush=True)
     checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints)
     start_step = checkpointer.latest_step() or 0
     if start_step % config.steps_per_call:  # checked before the restore, which can take minutes

@@ -271,6 +271,8 @@ def test_batch_read_state_resumes_exactly_and_refuses_another_stream():
     with pytest.raises(LoaderStateError, match="source: saved 'BatchIndexSource\\(40\\)', now 'BatchIndexSource"):
         make_loader(BatchIndexSource(48), **kwargs).set_state(state)
     per_record = make_loader(source, batch_reads=False, **kwargs)
+    assert loader.reading == "a batch at a time"
+    assert per_record.reading == "record by record (in this process, 16 read threads)"
     with pytest.raises(LoaderStateError, match="config.data.batch_reads = False"):
         make_loader(source, **kwargs).set_state(per_record.get_state())
     with pytest.raises(ValueError, match="hold no full batch of 16"):

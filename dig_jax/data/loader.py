@@ -56,11 +56,12 @@ class Loader(Iterator[dict[str, np.ndarray]]):
     """
 
     def __init__(self, iterator, local_batch_size: int, state_after: Callable[[bytes, int], bytes],
-                 prefetch: int = 2):
+                 prefetch: int = 2, reading: str = ""):
         # iterator: batches, with get_state() -> bytes, set_state(bytes) and start_prefetch() (grain's, or
         # _BatchReads). state_after(state, batches): the state after `batches` batches, kept from `state` what
-        # identifies the stream.
+        # identifies the stream. reading: how the batches are read, for the log.
         self.local_batch_size = local_batch_size
+        self.reading = reading
         self._iterator = iterator
         self._state_after = state_after
         self._state = self._iterator.get_state()  # after the batches handed out so far
@@ -313,7 +314,7 @@ def make_loader(
     if batch_reads and hasattr(source, "read_batch"):
         stream = _BatchReads(source, batch_size=local_batch_size, seed=seed, random_flip=random_flip,
                              shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count)
-        return Loader(stream, local_batch_size, stream.state_after, prefetch)
+        return Loader(stream, local_batch_size, stream.state_after, prefetch, reading="a batch at a time")
     if worker_count > 0 and not flags.FLAGS.is_parsed():
         # grain 0.2.18 reads one of its absl flags when it starts workers, which fails unless absl parsed the
         # command line (scripts not run by absl.app); the defaults are what such scripts want (grain issue #1355).
@@ -340,7 +341,10 @@ def make_loader(
     )
     state_after = functools.partial(_grain_state_after, shard_index=shard_index, shard_count=shard_count,
                                     batch_size=local_batch_size)
-    return Loader(iter(data_loader), local_batch_size, state_after, prefetch)
+    threads = f"{read_threads} read threads" if read_threads else "no read threads"
+    reading = (f"record by record ({worker_count} worker processes, {threads} each)" if worker_count
+               else f"record by record (in this process, {threads})")
+    return Loader(iter(data_loader), local_batch_size, state_after, prefetch, reading)
 
 
 def to_global_batch(local_batch: Any, sharding: jax.sharding.Sharding) -> Any:
