@@ -29,8 +29,8 @@ class RandomAccessSource(Protocol):
     """What the loader reads: `len(source)`, `source[i]` -> {"image": uint8 [H, W, 3], "label": int}.
 
     `repr(source)` must be the same in every process and run (no memory addresses): the loader's state records it,
-    and a state is refused by a loader over a different source. With worker_count > 0
-    the source is pickled into the worker processes.
+    and a state is refused by a loader over a different source. With worker_count > 0 the source is pickled into
+    the worker processes.
     """
 
     def __len__(self) -> int: ...
@@ -48,7 +48,8 @@ class BatchSource(RandomAccessSource, Protocol):
 class Loader(Iterator[dict[str, np.ndarray]]):
     """Endless (or `num_epochs`-long) iterator of per-host batches with a restorable position.
 
-    `next(loader)` -> {"image": float32 [local_batch_size, H, W, 3] in [-1, 1], "label": int32 [local_batch_size]}.
+    `next(loader)` -> {"image": float32 [local_batch_size, H, W, 3] in [-1, 1], "label": int32 [local_batch_size]}
+    (latents: {"moments": [local_batch_size, h, w, 2C] in their storage dtype, "label"}).
 
     With prefetch > 0 a background thread reads up to that many batches ahead, so that reading overlaps the
     training loop's own host work (dispatching the step, logging) instead of adding to it. The position saved
