@@ -11,6 +11,7 @@ import functools
 import gc
 import os
 import signal
+import time
 from collections.abc import Callable
 
 import jax
@@ -335,7 +336,9 @@ def train(config: ConfigDict, workdir: str) -> dict:
         try:
             steps_per_call = config.steps_per_call
             for step in range(start_step + steps_per_call, config.num_steps + 1, steps_per_call):
+                started = time.perf_counter()
                 batches = to_global_batch(next_batches(loader, steps_per_call), data_sharding)
+                logger.count_data_time(time.perf_counter() - started)
                 # The steps up to and including `step`.
                 state, metrics = trainer.train_steps(state, batches, space.frozen)
                 if step == start_step + steps_per_call:  # compiled
