@@ -156,8 +156,7 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
             # Host time in the step call (it returns before the device runs it): at or above "step_ms", the host's
             # dispatch, not the device, sets the loop's pace.
             "dispatch_ms_per_step": 1e3 * float(np.mean(dispatches[steady])) / steps_per_call,
-            "read_threads": config.data.read_threads, "batch_reads": batch_reads,
-            "device": jax.devices()[0].device_kind}
+            "read_threads": config.data.read_threads, "device": jax.devices()[0].device_kind}
 
 
 def main():

@@ -33,20 +33,27 @@ class IndexSource:
         return {"image": image, "label": index}
 
 
-class BatchIndexSource(IndexSource):
-    """IndexSource that the loader reads a batch at a time; counts its reads."""
+class BatchReading:
+    """Any per-record source, read by the loader a batch at a time (`read_batch` stacks the records); counts reads."""
 
-    def __init__(self, num_records: int):
-        super().__init__(num_records)
+    def __init__(self, source):
+        self.source = source
         self.batch_reads = 0
 
+    def __len__(self):
+        return len(self.source)
+
     def __repr__(self):
-        return f"BatchIndexSource({self.num_records})"
+        return f"BatchReading({self.source!r})"
 
     def read_batch(self, indices):
         self.batch_reads += 1
-        records = [self[int(i)] for i in indices]
+        records = [self.source[int(i)] for i in indices]
         return {key: np.stack([record[key] for record in records]) for key in records[0]}
+
+
+def BatchIndexSource(num_records):  # noqa: N802 (used like the IndexSource class beside it)
+    return BatchReading(IndexSource(num_records))
 
 
 BOTH_WAYS = pytest.mark.parametrize("source_class", [IndexSource, BatchIndexSource], ids=["records", "batches"])
@@ -164,19 +171,27 @@ def test_hosts_read_disjoint_equal_shards(source_class):
         make_loader(source, global_batch_size=9, seed=0, shard_index=0, shard_count=2)
 
 
-def test_restored_state_continues_with_the_same_batches():
-    source = ShapesDataset(num_images=40)  # batches of 16 cross epoch boundaries
-    kwargs = {"global_batch_size": 16, "seed": 11, "shard_index": 0, "shard_count": 1}
+def _restored_state_continues_with_the_same_batches(source, kwargs):
+    """Reads 3 batches, saves the position, reads 3 more; a new loader restored at the position yields those 3.
+    Returns (the state, the 3 batches)."""
     loader = make_loader(source, **kwargs)
     _labels(loader, 3)
     state = loader.get_state()
     expected = [next(loader) for _ in range(3)]
+    loader.close()
     restored = make_loader(source, **kwargs)
     restored.set_state(state)
     for batch in expected:
         actual = next(restored)
         np.testing.assert_array_equal(actual["label"], batch["label"])
         np.testing.assert_array_equal(actual["image"], batch["image"])
+    return state, expected
+
+
+def test_restored_state_continues_with_the_same_batches():
+    source = ShapesDataset(num_images=40)  # batches of 16 cross epoch boundaries
+    kwargs = {"global_batch_size": 16, "seed": 11, "shard_index": 0, "shard_count": 1}
+    state, _ = _restored_state_continues_with_the_same_batches(source, kwargs)
     with pytest.raises(ValueError, match="[Ss]ampler"):
         make_loader(source, **{**kwargs, "seed": 12}).set_state(state)
 
@@ -252,26 +267,17 @@ def test_batch_reads_read_once_per_batch_and_flip_each_record_by_its_own_coin():
 def test_batch_read_state_resumes_exactly_and_refuses_another_stream():
     source = BatchIndexSource(40)  # batches of 16: two per epoch, 8 records of each epoch unread
     kwargs = {"global_batch_size": 16, "seed": 11, "shard_index": 0, "shard_count": 1}
-    loader = make_loader(source, **kwargs)
-    _labels(loader, 3)
-    state = loader.get_state()
-    expected = [next(loader) for _ in range(3)]
-    loader.close()
-    restored = make_loader(source, **kwargs)
-    restored.set_state(state)
-    for batch in expected:
-        actual = next(restored)
-        np.testing.assert_array_equal(actual["label"], batch["label"])
-        np.testing.assert_array_equal(actual["image"], batch["image"])
+    state, expected = _restored_state_continues_with_the_same_batches(source, kwargs)
     moved = make_loader(source, **kwargs, prefetch=0)
     moved.set_state(moved.state_after(3))
     assert _labels(moved, 3) == [batch["label"].tolist() for batch in expected]
     with pytest.raises(LoaderStateError, match="seed: saved 11, now 12"):
         make_loader(source, **{**kwargs, "seed": 12}).set_state(state)
-    with pytest.raises(LoaderStateError, match="source: saved 'BatchIndexSource\\(40\\)', now 'BatchIndexSource"):
+    other_source = r"source: saved 'BatchReading\(IndexSource\(40\)\)', now 'BatchReading\(IndexSource\(48"
+    with pytest.raises(LoaderStateError, match=other_source):
         make_loader(BatchIndexSource(48), **kwargs).set_state(state)
     per_record = make_loader(source, batch_reads=False, **kwargs)
-    assert loader.reading == "a batch at a time"
+    assert make_loader(source, **kwargs).reading == "a batch at a time"
     assert per_record.reading == "record by record (in this process, 16 read threads)"
     with pytest.raises(LoaderStateError, match="config.data.batch_reads = False"):
         make_loader(source, **kwargs).set_state(per_record.get_state())

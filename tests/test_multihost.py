@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from local_processes import free_port, run_processes
 from multihost_worker import SMALL_FSDP_MIN_SIZE, concatenated, run_steps, tiny_config
+from test_data import BatchReading
 
 from dig_jax import distributed
 from dig_jax.checkpoint import Checkpointer, CheckpointError
@@ -93,7 +94,7 @@ def test_state_after_matches_reading_that_many_batches(reading):
     source = create_dataset("shapes", split="train", image_size=8, num_images=40)
     options = {"batch_reads": False, "worker_count": 3 if "3" in reading else 0, "read_threads": 0}
     if reading == "batches":
-        source, options = BatchShapes(source), {}
+        source, options = BatchReading(source), {}
     for shard_index, shard_count in ((0, 1), (1, 2)):
         def loader(index=shard_index, count=shard_count):
             return make_loader(source, global_batch_size=4, seed=3, shard_index=index, shard_count=count, **options)
@@ -109,23 +110,6 @@ def test_state_after_matches_reading_that_many_batches(reading):
                 np.testing.assert_array_equal(got["image"], expected["image"])
                 np.testing.assert_array_equal(got["label"], expected["label"])
             moved.close()
-
-
-class BatchShapes:
-    """A shapes dataset read a batch at a time (the loader's batch path without latent files)."""
-
-    def __init__(self, shapes):
-        self.shapes = shapes
-
-    def __len__(self):
-        return len(self.shapes)
-
-    def __repr__(self):
-        return f"BatchShapes({self.shapes!r})"
-
-    def read_batch(self, indices):
-        records = [self.shapes[int(i)] for i in indices]
-        return {key: np.stack([record[key] for record in records]) for key in records[0]}
 
 
 def test_saved_process_count_reads_the_loader_state_files(tmp_path):

@@ -57,7 +57,7 @@ class Loader(Iterator[dict[str, np.ndarray]]):
     """
 
     def __init__(self, iterator, local_batch_size: int, state_after: Callable[[bytes, int], bytes],
-                 prefetch: int = 2, reading: str = ""):
+                 prefetch: int, reading: str):
         # iterator: batches, with get_state() -> bytes, set_state(bytes) and start_prefetch() (grain's, or
         # _BatchReads). state_after(state, batches): the state after `batches` batches, kept from `state` what
         # identifies the stream. reading: how the batches are read, for the log.
