@@ -4,10 +4,10 @@ work around the backward: filter rotation, summing the gradient partials) for ea
     python benchmarks/depthwise_conv_tiles.py --shapes S/256,XL/256 --out tiles.jsonl
 
 Every candidate runs forward + backward (bf16) back to back on rotating inputs inside one trace per shape; its
-kernels carry their tiles in their names (depthwise_conv3x3[_backward]_t<tokens>_c<channels>_w<warps>_s<steps>), and
-an XLA kernel counts for the candidate whose Pallas kernel ran last before it. Each candidate's values and gradients are
-checked against XLA's convolution first. Prints, per shape, the fastest forward and backward tiles, then the tiles
-fastest over all shapes (sum of each shape's time relative to that shape's fastest) as a JSON line.
+kernels carry their tiles in their names (depthwise_conv3x3[_backward]_t<tokens>_c<channels>_w<warps>_s<steps>),
+and an XLA kernel counts for the candidate whose Pallas kernel ran last before it. Each candidate's values and
+gradients are checked against XLA's convolution first. Prints, per shape, the fastest forward and backward tiles, then
+the tiles fastest over all shapes (sum of each shape's time relative to that shape's fastest) as a JSON line.
 """
 
 import functools
@@ -30,19 +30,14 @@ def tiles_of(match) -> Tiles:
 
 
 def candidates(channels: int) -> list[Tiles]:
-    """One token tile per program holding 4 to 64 elements per thread (fewer wastes threads, more spills
-    registers); or 4 or 8 tiles per program looped by 2 or 4 warps, holding 4 to 16 (the backward keeps 10
-    accumulator tiles)."""
-    tiles = []
-    for tokens, block, warps in itertools.product((8, 16, 32, 64, 128), (64, 128), (2, 4, 8)):
-        per_thread = tokens * block // (32 * warps)
-        if channels % block:
-            continue
-        if 4 <= per_thread <= 64 and tokens >= 16:
-            tiles.append(Tiles(tokens, block, warps))
-        if 4 <= per_thread <= 16 and warps <= 4:
-            tiles.extend(Tiles(tokens, block, warps, steps) for steps in (4, 8))
-    return tiles
+    """One token tile per program, the forward's best shapes of earlier sweeps (8 to 32 elements per thread); or 4,
+    8 or 16 tiles of 8 or 16 tokens per program looped by 2 to 8 warps holding 4 to 8 elements per thread (the
+    backward keeps 10 accumulator tiles and the next step's 10 tiles)."""
+    tiles = [Tiles(64, 128, 8), Tiles(32, 128, 4), Tiles(64, 64, 4), Tiles(32, 64, 2)]
+    for tokens, block, warps in itertools.product((8, 16), (64, 128), (2, 4, 8)):
+        if 4 <= tokens * block // (32 * warps) <= 8:
+            tiles.extend(Tiles(tokens, block, warps, steps) for steps in (4, 8, 16))
+    return [t for t in tiles if channels % t.channels == 0]
 
 
 def sweep(shape, calls: int) -> list[dict]:

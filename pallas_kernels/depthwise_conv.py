@@ -31,7 +31,9 @@ dx's rotated tap (-dr, -dc) reads, with the same mask (both ends inside the grid
 backward reads ten tiles, not nineteen. The products add up per element over a program's `Tiles.steps` token
 tiles; then each program sums them over its tokens into [N, programs along T, 10, D] float32 partials (nine taps
 and the bias) that XLA sums.
-Kernel names carry their tiles (e.g. depthwise_conv3x3_backward_t64_c128_w4_s1), so that a profile tells them
+Both kernels walk their token tiles in a loop whose step loads the next step's tiles before doing its own math and
+stores, so that a program has its next loads in flight while it multiplies.
+Kernel names carry their tiles (e.g. depthwise_conv3x3_backward_t8_c64_w4_s16), so that a profile tells them
 apart.
 """
 
@@ -64,11 +66,12 @@ class Tiles(NamedTuple):
     steps: int = 1
 
 
-# Fastest over DiG-S/2's and DiG-XL/2's 256 px shapes on an H100 among 48 tilings (benchmarks/depthwise_conv_tiles.py;
-# docs/benchmarks.md). With 10 accumulator tiles, the backward of a 32 x 128 or 64 x 64 tile on 2 warps ran 16-22x
-# slower than these.
-FORWARD_TILES = Tiles(64, 128, 8, 1)
-BACKWARD_TILES = Tiles(8, 64, 4, 8)
+# Fastest over DiG-S/2's and DiG-XL/2's 256 px shapes on an H100 among 27 tilings (benchmarks/depthwise_conv_tiles.py;
+# docs/benchmarks.md): the backward's 16 steps of 8 x 64 took 23.3 / 57.7 us (S / XL, with the sum of its partials)
+# against 27.3 / 61.7 us for 8 steps; the forward is within 1 us of one 64 x 128 tile per program. With 10 accumulator
+# tiles, the backward of a 32 x 128 or 64 x 64 tile on 2 warps ran 16-22x slower than these (an earlier sweep).
+FORWARD_TILES = Tiles(16, 64, 8, 8)
+BACKWARD_TILES = Tiles(8, 64, 4, 16)
 
 
 def _check_inputs(x, kernel, bias, grid_width):
@@ -148,41 +151,68 @@ def _store_tokens(o_ref, token_start, num_tokens, tile):
 def _forward_kernel(x_ref, w_ref, b_ref, y_ref, *, token_block, steps, **grid):
     weights = [w_ref[tap].astype(jnp.float32)[None, :] for tap in range(len(_TAPS))]
     bias = b_ref[...].astype(jnp.float32)[None, :]
-    first_tile = pl.program_id(1) * steps  # read outside the loop: interpret mode substitutes it only there
+    load = _TileLoader(steps, grid, token_block)
 
-    def step(i, carry):
-        token_start = (first_tile + i) * token_block
-        y = sum(_shifted_tile(x_ref, token_start, tap, **grid, token_block=token_block) * weights[tap]
-                for tap in range(len(_TAPS)))
-        _store_tokens(y_ref, token_start, grid["num_tokens"], y + bias)
+    def step(i, tiles, carry):
+        y = sum(tile * weights[tap] for tap, tile in enumerate(tiles))
+        _store_tokens(y_ref, load.token_start(i), grid["num_tokens"], y + bias)
         return carry
 
-    lax.fori_loop(0, steps, step, 0)
+    _prefetching_loop(steps, lambda i: load(x_ref, i, range(len(_TAPS))), step, ())
 
 
 def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, token_block, steps, **grid):
     weights = [w_rotated_ref[tap].astype(jnp.float32)[None, :] for tap in range(len(_TAPS))]
-    first_tile = pl.program_id(1) * steps
+    load = _TileLoader(steps, grid, token_block)
 
-    def step(i, sums):
-        token_start = (first_tile + i) * token_block
-        tile = functools.partial(_shifted_tile, token_start=token_start, **grid, token_block=token_block)
-        x = tile(x_ref, tap=_CENTER)  # zero past the end
-        dx, sums = jnp.zeros_like(x), list(sums)
-        for tap in range(len(_TAPS)):
-            dy = tile(dy_ref, tap=tap)  # dy at s + (dr, dc), zero where that is outside the grid
+    def load_step(i):  # x at the program's tokens (zero past the end), then dy at s + (dr, dc) for each tap
+        return load(x_ref, i, (_CENTER,)) + load(dy_ref, i, range(len(_TAPS)))
+
+    def step(i, tiles, sums):
+        (x, *dys), sums = tiles, list(sums)
+        dx = jnp.zeros_like(x)
+        for tap, dy in enumerate(dys):
             dx += dy * weights[tap]
             # Filter tap (-dr, -dc) pairs x[s] with dy[s + (dr, dc)]: the tile dx just used (module docstring).
             sums[len(_TAPS) - 1 - tap] += x * dy
             if tap == _CENTER:
                 sums[len(_TAPS)] += dy
-        _store_tokens(dx_ref, token_start, grid["num_tokens"], dx)
+        _store_tokens(dx_ref, load.token_start(i), grid["num_tokens"], dx)
         return tuple(sums)
 
     zeros = jnp.zeros((token_block, x_ref.shape[-1]), jnp.float32)
-    sums = lax.fori_loop(0, steps, step, (zeros,) * (len(_TAPS) + 1))
+    sums = _prefetching_loop(steps, load_step, step, (zeros,) * (len(_TAPS) + 1))
     for index, products in enumerate(sums):
         partials_ref[index] = jnp.sum(products, axis=0)
+
+
+class _TileLoader:
+    """Loads the shifted tiles (`_shifted_tile`) of a program's step i."""
+
+    def __init__(self, steps, grid, token_block):
+        self.first_tile = pl.program_id(1) * steps  # read outside the loop: interpret mode substitutes it only there
+        self.grid, self.token_block = grid, token_block
+
+    def token_start(self, i):
+        return (self.first_tile + i) * self.token_block
+
+    def __call__(self, ref, i, taps):
+        return tuple(_shifted_tile(ref, self.token_start(i), tap, **self.grid, token_block=self.token_block)
+                     for tap in taps)
+
+
+def _prefetching_loop(steps, load_step, step, carry):
+    """carry after step(i, load_step(i), carry) for i in [0, steps). Step i issues step i + 1's loads before its own
+    math and stores, so that their latency overlaps them (the last step reloads its own tiles, from cache)."""
+    if steps == 1:
+        return step(0, load_step(0), carry)
+
+    def body(i, state):
+        tiles, carry = state
+        next_tiles = load_step(jnp.minimum(i + 1, steps - 1))
+        return next_tiles, step(i, tiles, carry)
+
+    return lax.fori_loop(0, steps, body, (load_step(0), carry))[1]
 
 
 def _programs_along_tokens(num_tokens, tiles: Tiles) -> int:
