@@ -123,8 +123,8 @@ def run_case(model_name: str, dataset: str, steps: int, batch: int, steps_per_ca
         started = time.perf_counter()
         train(config, workdir)
         loop_s = time.perf_counter() - started
-        dig_jax.train.next_batches, dig_jax.train.build_trainer = next_batches, build_trainer
-        dig_jax.train.to_global_batch = to_global_batch
+        dig_jax.train.next_batches, dig_jax.train.to_global_batch = next_batches, to_global_batch
+        dig_jax.train.build_trainer = build_trainer
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             logged = [json.loads(line)["images_per_second"] for line in f][1:]
 

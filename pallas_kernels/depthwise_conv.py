@@ -202,17 +202,16 @@ class _TileLoader:
 
 
 def _prefetching_loop(steps, load_step, step, carry):
-    """carry after step(i, load_step(i), carry) for i in [0, steps). Step i issues step i + 1's loads before its own
-    math and stores, so that their latency overlaps them (the last step reloads its own tiles, from cache)."""
-    if steps == 1:
-        return step(0, load_step(0), carry)
+    """carry after step(i, load_step(i), carry) for i in [0, steps). Each step but the last issues the next step's
+    loads before its own math and stores, so that their latency overlaps them; the last runs after the loop."""
 
     def body(i, state):
         tiles, carry = state
-        next_tiles = load_step(jnp.minimum(i + 1, steps - 1))
+        next_tiles = load_step(i + 1)
         return next_tiles, step(i, tiles, carry)
 
-    return lax.fori_loop(0, steps, body, (load_step(0), carry))[1]
+    tiles, carry = lax.fori_loop(0, steps - 1, body, (load_step(0), carry))
+    return step(steps - 1, tiles, carry)
 
 
 def _programs_along_tokens(num_tokens, tiles: Tiles) -> int:
