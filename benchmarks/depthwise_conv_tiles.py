@@ -11,7 +11,6 @@ the tiles fastest over all shapes (sum of each shape's time relative to that sha
 """
 
 import functools
-import itertools
 import re
 
 import jax
@@ -30,14 +29,11 @@ def tiles_of(match) -> Tiles:
 
 
 def candidates(channels: int) -> list[Tiles]:
-    """One token tile per program, the forward's best shapes of earlier sweeps (8 to 32 elements per thread); or 4,
-    8 or 16 tiles of 8 or 16 tokens per program looped by 2 to 8 warps holding 4 to 8 elements per thread (the
-    backward keeps 10 accumulator tiles and the next step's 10 tiles)."""
-    tiles = [Tiles(64, 128, 8), Tiles(32, 128, 4), Tiles(64, 64, 4), Tiles(32, 64, 2)]
-    for tokens, block, warps in itertools.product((8, 16), (64, 128), (2, 4, 8)):
-        if 4 <= tokens * block // (32 * warps) <= 8:
-            tiles.extend(Tiles(tokens, block, warps, steps) for steps in (4, 8, 16))
-    return [t for t in tiles if channels % t.channels == 0]
+    """Loops of 8 or 16 steps of 8 or 16 tokens on 2 to 8 warps holding 2 or 4 elements per thread, where the last
+    sweeps' winners lay (the backward keeps 10 accumulator tiles: fewer elements per thread leave registers for more
+    programs per multiprocessor), plus the forward's best one-tile program of earlier sweeps."""
+    loops = [Tiles(8, 64, 4, 16), Tiles(8, 64, 8, 16), Tiles(8, 32, 2, 16), Tiles(16, 64, 8, 8)]
+    return [t for t in [Tiles(64, 128, 8)] + loops if channels % t.channels == 0]
 
 
 def sweep(shape, calls: int) -> list[dict]:

@@ -31,9 +31,11 @@ dx's rotated tap (-dr, -dc) reads, with the same mask (both ends inside the grid
 backward reads ten tiles, not nineteen. The products add up per element over a program's `Tiles.steps` token
 tiles; then each program sums them over its tokens into [N, programs along T, 10, D] float32 partials (nine taps
 and the bias) that XLA sums.
-Both kernels walk their token tiles in a loop whose step loads the next step's tiles before doing its own math and
-stores, so that a program has its next loads in flight while it multiplies.
-Kernel names carry their tiles (e.g. depthwise_conv3x3_backward_t8_c64_w4_s16), so that a profile tells them
+Both kernels walk their token tiles in a plain loop, their multiply-adds as fma instructions (`_multiply_add`).
+Registers bound how many programs share a multiprocessor (an H100 profile of the backward's 8 x 64 tile on 4 warps
+found 198 registers per thread: two programs per multiprocessor); loading the next step's tiles ahead of the math
+or reading the filter taps in each step did not pay (docs/benchmarks.md).
+Kernel names carry their tiles (e.g. depthwise_conv3x3_backward_t8_c64_w8_s16), so that a profile tells them
 apart.
 """
 
@@ -66,12 +68,12 @@ class Tiles(NamedTuple):
     steps: int = 1
 
 
-# Fastest over DiG-S/2's and DiG-XL/2's 256 px shapes on an H100 among 27 tilings (benchmarks/depthwise_conv_tiles.py;
-# docs/benchmarks.md): the backward's 16 steps of 8 x 64 took 23.3 / 57.7 us (S / XL, with the sum of its partials)
-# against 27.3 / 61.7 us for 8 steps; the forward is within 1 us of one 64 x 128 tile per program. With 10 accumulator
-# tiles, the backward of a 32 x 128 or 64 x 64 tile on 2 warps ran 16-22x slower than these (an earlier sweep).
+# Fastest over DiG-S/2's and DiG-XL/2's 256 px shapes on an H100 (benchmarks/depthwise_conv_tiles.py;
+# docs/benchmarks.md, 2026-12-07, "fma"): 8 steps of 16 x 64 forward (7.6 / 22.1 us, S / XL), 16 steps of 8 x 64 on
+# 8 warps backward (22.2 / 53.3 us with the sum of its partials). With 10 accumulator tiles, the backward of a
+# 32 x 128 or 64 x 64 tile on 2 warps ran 16-22x slower than the loops (an earlier sweep).
 FORWARD_TILES = Tiles(16, 64, 8, 8)
-BACKWARD_TILES = Tiles(8, 64, 4, 16)
+BACKWARD_TILES = Tiles(8, 64, 8, 16)
 
 
 def _check_inputs(x, kernel, bias, grid_width):
@@ -148,40 +150,51 @@ def _store_tokens(o_ref, token_start, num_tokens, tile):
     plgpu.store(o_ref.at[pl.ds(token_start, token_block), :], tile.astype(o_ref.dtype), mask=valid[:, None])
 
 
-def _forward_kernel(x_ref, w_ref, b_ref, y_ref, *, token_block, steps, **grid):
+def _multiply_add(a, b, c, interpret):
+    """a * b + c in float32 with one rounding. For jnp's a * b + c Triton emits a multiply and an add (an H100
+    profile of the backward counted no fused instructions): twice the instructions of an fma."""
+    if interpret:
+        return a * b + c
+    a, b, c = jnp.broadcast_arrays(a, b, c)
+    (out,) = plgpu.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f",
+                                          pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.float32)])
+    return out
+
+
+def _forward_kernel(x_ref, w_ref, b_ref, y_ref, *, tiles, interpret, **grid):
     weights = [w_ref[tap].astype(jnp.float32)[None, :] for tap in range(len(_TAPS))]
     bias = b_ref[...].astype(jnp.float32)[None, :]
-    load = _TileLoader(steps, grid, token_block)
+    load = _TileLoader(tiles, grid)
 
-    def step(i, tiles, carry):
-        y = sum(tile * weights[tap] for tap, tile in enumerate(tiles))
-        _store_tokens(y_ref, load.token_start(i), grid["num_tokens"], y + bias)
+    def step(i, carry):
+        y = bias
+        for tile, weight in zip(load(x_ref, i, range(len(_TAPS))), weights):
+            y = _multiply_add(tile, weight, y, interpret)
+        _store_tokens(y_ref, load.token_start(i), grid["num_tokens"], y)
         return carry
 
-    _prefetching_loop(steps, lambda i: load(x_ref, i, range(len(_TAPS))), step, ())
+    lax.fori_loop(0, tiles.steps, step, ())
 
 
-def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, token_block, steps, **grid):
+def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, tiles, interpret, **grid):
     weights = [w_rotated_ref[tap].astype(jnp.float32)[None, :] for tap in range(len(_TAPS))]
-    load = _TileLoader(steps, grid, token_block)
+    load = _TileLoader(tiles, grid)
 
-    def load_step(i):  # x at the program's tokens (zero past the end), then dy at s + (dr, dc) for each tap
-        return load(x_ref, i, (_CENTER,)) + load(dy_ref, i, range(len(_TAPS)))
-
-    def step(i, tiles, sums):
-        (x, *dys), sums = tiles, list(sums)
+    def step(i, sums):
+        # x at the program's tokens (zero past the end), then dy at s + (dr, dc) for each tap.
+        (x,), dys, sums = load(x_ref, i, (_CENTER,)), load(dy_ref, i, range(len(_TAPS))), list(sums)
         dx = jnp.zeros_like(x)
-        for tap, dy in enumerate(dys):
-            dx += dy * weights[tap]
+        for tap, (dy, weight) in enumerate(zip(dys, weights)):
+            dx = _multiply_add(dy, weight, dx, interpret)
             # Filter tap (-dr, -dc) pairs x[s] with dy[s + (dr, dc)]: the tile dx just used (module docstring).
-            sums[len(_TAPS) - 1 - tap] += x * dy
+            sums[len(_TAPS) - 1 - tap] = _multiply_add(x, dy, sums[len(_TAPS) - 1 - tap], interpret)
             if tap == _CENTER:
                 sums[len(_TAPS)] += dy
         _store_tokens(dx_ref, load.token_start(i), grid["num_tokens"], dx)
         return tuple(sums)
 
-    zeros = jnp.zeros((token_block, x_ref.shape[-1]), jnp.float32)
-    sums = _prefetching_loop(steps, load_step, step, (zeros,) * (len(_TAPS) + 1))
+    zeros = jnp.zeros((tiles.tokens, x_ref.shape[-1]), jnp.float32)
+    sums = lax.fori_loop(0, tiles.steps, step, (zeros,) * (len(_TAPS) + 1))
     for index, products in enumerate(sums):
         partials_ref[index] = jnp.sum(products, axis=0)
 
@@ -189,9 +202,10 @@ def _backward_kernel(x_ref, dy_ref, w_rotated_ref, dx_ref, partials_ref, *, toke
 class _TileLoader:
     """Loads the shifted tiles (`_shifted_tile`) of a program's step i."""
 
-    def __init__(self, steps, grid, token_block):
-        self.first_tile = pl.program_id(1) * steps  # read outside the loop: interpret mode substitutes it only there
-        self.grid, self.token_block = grid, token_block
+    def __init__(self, tiles, grid):
+        # Read outside the loop: interpret mode substitutes the program id only there.
+        self.first_tile = pl.program_id(1) * tiles.steps
+        self.grid, self.token_block = grid, tiles.tokens
 
     def token_start(self, i):
         return (self.first_tile + i) * self.token_block
@@ -199,19 +213,6 @@ class _TileLoader:
     def __call__(self, ref, i, taps):
         return tuple(_shifted_tile(ref, self.token_start(i), tap, **self.grid, token_block=self.token_block)
                      for tap in taps)
-
-
-def _prefetching_loop(steps, load_step, step, carry):
-    """carry after step(i, load_step(i), carry) for i in [0, steps). Each step but the last issues the next step's
-    loads before its own math and stores, so that their latency overlaps them; the last runs after the loop."""
-
-    def body(i, state):
-        tiles, carry = state
-        next_tiles = load_step(i + 1)
-        return next_tiles, step(i, tiles, carry)
-
-    tiles, carry = lax.fori_loop(0, steps - 1, body, (load_step(0), carry))
-    return step(steps - 1, tiles, carry)
 
 
 def _programs_along_tokens(num_tokens, tiles: Tiles) -> int:
@@ -234,7 +235,7 @@ def _call(kernel, inputs, out_shape, grid_width, num_tokens, interpret, name, ti
 
     return pl.pallas_call(
         functools.partial(kernel, grid_width=grid_width, num_tokens=num_tokens,
-                          halo=_halo_rows(grid_width, interpret), token_block=tiles.tokens, steps=tiles.steps),
+                          halo=_halo_rows(grid_width, interpret), tiles=tiles, interpret=interpret),
         grid=(n, token_blocks, d // block), in_specs=[spec(x.shape) for x in inputs],
         out_specs=[spec(o.shape) for o in out_shape], out_shape=out_shape, interpret=interpret,
         name=f"{name}_t{tiles.tokens}_c{block}_w{tiles.num_warps}_s{tiles.steps}",
